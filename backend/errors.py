@@ -1,0 +1,25 @@
+"""Errors a user can cause, each turned into one clear message at the UI/API edge."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base for problems in what the user sent; the message is safe to show as is."""
+
+
+class InvalidSettings(UserError):
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        super().__init__(f"Invalid setting '{field}': {problem}.")
+
+
+class BadInput(UserError):
+    """The message or text itself is unusable (empty, too long, ...)."""
+
+
+class ContextOverflow(UserError):
+    """The prompt cannot fit the model's context window even after trimming history."""
+
+
+class ModelNotReady(UserError):
+    """The model is still loading or failed to load."""
