@@ -1,0 +1,136 @@
+"""Command-line flags, each also settable by an environment variable (for a Space)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from backend.settings import ServerLimits
+
+GPU_DEFAULT = ("lmsys/vicuna-7b-v1.5", "4bit")
+CPU_DEFAULT = ("HuggingFaceTB/SmolLM2-360M-Instruct", "none")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str
+    quantization: str
+    dtype: str
+    gpu_memory: str | None
+    cpu_memory: str | None
+    context_length: int | None
+    host: str
+    port: int
+    concurrency: int
+    queue_size: int
+    limits: ServerLimits
+    demo_fallback: bool
+    threads: int | None
+
+
+def default_model(has_gpu: bool) -> tuple[str, str]:
+    """Vicuna-7B in 4-bit where a GPU is visible; a small chat model a CPU can run otherwise."""
+    return GPU_DEFAULT if has_gpu else CPU_DEFAULT
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    def opt(name: str, fallback=None):
+        return env.get(f"PLAYGROUND_{name}", fallback)
+
+    parser = argparse.ArgumentParser(
+        description="Chat & caption playground. Every flag can also be set as PLAYGROUND_<FLAG> "
+        "(e.g. PLAYGROUND_MODEL, PLAYGROUND_PORT).",
+    )
+    add = parser.add_argument
+    add(
+        "--model",
+        default=opt("MODEL"),
+        help="Hub id (org/name) or local Hugging Face model directory; "
+        "'demo:tiny-llama-chat' for the built-in demo. Default: Vicuna-7B v1.5 4-bit on GPU, "
+        f"{CPU_DEFAULT[0]} on CPU.",
+    )
+    add(
+        "--quantization",
+        choices=["none", "8bit", "4bit"],
+        default=opt("QUANTIZATION"),
+        help="bitsandbytes weight quantization (works on CPU too). Default: the preset's.",
+    )
+    add(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default=opt("DTYPE", "auto"),
+        help="Compute dtype. auto: bf16/fp16 on GPU; bf16 on CPUs with bf16 instructions, else fp32.",
+    )
+    add(
+        "--gpu-memory",
+        default=opt("GPU_MEMORY"),
+        help="Per-GPU budgets like 0=20GiB,1=10GiB. Default: 90%% of each visible GPU's free memory.",
+    )
+    add("--cpu-memory", default=opt("CPU_MEMORY"), help="RAM budget for offloaded layers, e.g. 32GiB.")
+    add(
+        "--context-length",
+        type=int,
+        default=opt("CONTEXT_LENGTH"),
+        help="Context length the KV-cache headroom is planned for. Default: the model's window.",
+    )
+    add("--host", default=opt("HOST", "127.0.0.1"), help="Address to listen on (0.0.0.0 for all).")
+    add("--port", type=int, default=int(opt("PORT", env.get("GRADIO_SERVER_PORT", "7860"))), help="Port.")
+    add(
+        "--concurrency",
+        type=int,
+        default=int(opt("CONCURRENCY", "4")),
+        help="Generations running at once; more wait in the queue.",
+    )
+    add(
+        "--queue-size",
+        type=int,
+        default=int(opt("QUEUE_SIZE", "64")),
+        help="Requests that may wait; beyond it users are told the server is busy.",
+    )
+    add(
+        "--max-new-tokens-limit",
+        type=int,
+        default=int(opt("MAX_NEW_TOKENS_LIMIT", "1024")),
+        help="Upper bound for max_new_tokens that any request may ask for.",
+    )
+    add(
+        "--max-input-chars",
+        type=int,
+        default=int(opt("MAX_INPUT_CHARS", "20000")),
+        help="Longest message or completion text accepted, in characters.",
+    )
+    add(
+        "--no-demo-fallback",
+        action="store_true",
+        default=opt("NO_DEMO_FALLBACK", "") in ("1", "true"),
+        help="Fail instead of starting on the demo model when the configured model cannot be loaded.",
+    )
+    add("--threads", type=int, default=opt("THREADS"), help="torch CPU threads. Default: torch's choice.")
+    return parser
+
+
+def parse_config(
+    argv: Sequence[str] | None, has_gpu: bool, env: Mapping[str, str] | None = None
+) -> AppConfig:
+    env = os.environ if env is None else env
+    args = build_parser(env).parse_args(argv)
+    preset_model, preset_quantization = default_model(has_gpu)
+    model = args.model or preset_model
+    quantization = args.quantization or (preset_quantization if model == preset_model else "none")
+    return AppConfig(
+        model=model,
+        quantization=quantization,
+        dtype=args.dtype,
+        gpu_memory=args.gpu_memory,
+        cpu_memory=args.cpu_memory,
+        context_length=int(args.context_length) if args.context_length else None,
+        host=args.host,
+        port=args.port,
+        concurrency=args.concurrency,
+        queue_size=args.queue_size,
+        limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),
+        demo_fallback=not args.no_demo_fallback,
+        threads=int(args.threads) if args.threads else None,
+    )

@@ -1,0 +1,155 @@
+"""Streamed generation for one request: our decode loop for sample/greedy, generate() for beams.
+
+Own loop because generate() draws samples from the process-global RNG, and per-request seeds
+plus cancellation within one step need the sampling step in our hands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from backend.sampling import build_logits_processor, choose_next_token, make_generator, mask_unknown_tokens
+from backend.settings import GenerationSettings
+from backend.stopping import StopWordMatcher, safe_decode
+
+# Prompt tokens decoded with the reply so that its first token keeps its leading space.
+DECODE_CONTEXT_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class GenerationUpdate:
+    text: str  # the visible continuation so far; only ever grows
+    new_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop_word", "eos" or "length" when finished
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ContinuationDecoder:
+    """Decodes generated ids to text the way they read after the prompt."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.context = list(prompt_ids[-DECODE_CONTEXT_TOKENS:])
+        self.offset = len(safe_decode(tokenizer, self.context))
+
+    def decode(self, generated: list[int]) -> str:
+        return safe_decode(self.tokenizer, self.context + generated)[self.offset :]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go: the embedding's device, also for models split by a device map."""
+    return model.get_input_embeddings().weight.device
+
+
+@torch.inference_mode()
+def _forward(model, input_ids: torch.Tensor, past_key_values):
+    # inference_mode per call, not around the generator: a generator may resume on another thread.
+    return model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
+
+
+def stream_generate(
+    model, tokenizer, prompt_ids: list[int], settings: GenerationSettings
+) -> Iterator[GenerationUpdate]:
+    """Yield an update per decoded token; closing the iterator cancels after the current step."""
+    if settings.seed < 0:
+        raise ValueError("stream_generate needs a concrete seed; call settings.with_seed() first")
+    started = time.perf_counter()
+    processors = build_logits_processor(settings)
+    matcher = StopWordMatcher(settings.stop_words)
+    decoder = ContinuationDecoder(tokenizer, prompt_ids)
+    eos_ids = eos_token_ids(model, tokenizer)
+    vocab_size = len(tokenizer)
+    all_ids = torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model))
+    generator = None
+    generated: list[int] = []
+    shown = ""
+    first_token_seconds = None
+    outputs = _forward(model, all_ids, None)
+    for step in range(settings.max_new_tokens):
+        scores = outputs.logits[:, -1, :].float()
+        if generator is None:
+            generator = make_generator(settings.seed, scores.device)
+        scores = processors(all_ids.to(scores.device), mask_unknown_tokens(scores, vocab_size))
+        next_id = int(choose_next_token(scores, settings, generator)[0])
+        now = time.perf_counter() - started
+        first_token_seconds = first_token_seconds if first_token_seconds is not None else now
+        if next_id in eos_ids:
+            yield GenerationUpdate(shown, len(generated), True, "eos", now, first_token_seconds)
+            return
+        generated.append(next_id)
+        last = step == settings.max_new_tokens - 1
+        cut = matcher.feed(decoder.decode(generated), final=last)
+        # Never take back what was shown, even if a tokenizer re-decodes earlier text differently.
+        if cut.visible.startswith(shown):
+            shown = cut.visible
+        if cut.stopped or last:
+            reason = "stop_word" if cut.stopped else "length"
+            yield GenerationUpdate(shown, len(generated), True, reason, now, first_token_seconds)
+            return
+        yield GenerationUpdate(shown, len(generated), False, None, now, first_token_seconds)
+        next_tensor = torch.tensor([[next_id]], dtype=torch.long, device=all_ids.device)
+        all_ids = torch.cat([all_ids, next_tensor], dim=-1)
+        outputs = _forward(model, next_tensor, outputs.past_key_values)
+
+
+def beam_config(model, tokenizer, settings: GenerationSettings) -> GenerationConfig:
+    eos = sorted(eos_token_ids(model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        repetition_penalty=settings.repetition_penalty,
+        early_stopping=True,
+        eos_token_id=eos or None,
+        pad_token_id=pad,
+        stop_strings=list(settings.stop_words) or None,
+    )
+
+
+def generate_beam(model, tokenizer, prompt_ids: list[int], settings: GenerationSettings) -> GenerationUpdate:
+    """Best beam, whole: transformers cannot stream beam search (TextIteratorStreamer refuses it)."""
+    started = time.perf_counter()
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model))
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_config=beam_config(model, tokenizer, settings),
+            tokenizer=tokenizer,  # stop_strings needs it
+        )
+    generated = output[0, len(prompt_ids) :].tolist()
+    eos_ids = eos_token_ids(model, tokenizer)
+    finish_reason = "length"
+    for index, token in enumerate(generated):
+        if token in eos_ids:
+            generated, finish_reason = generated[:index], "eos"
+            break
+    text = ContinuationDecoder(tokenizer, prompt_ids).decode(generated)
+    cut = StopWordMatcher(settings.stop_words).feed(text, final=True)
+    seconds = time.perf_counter() - started
+    return GenerationUpdate(
+        cut.visible, len(generated), True, "stop_word" if cut.stopped else finish_reason, seconds, seconds
+    )

@@ -1,0 +1,142 @@
+"""Load a causal LM and its tokenizer: resolve files, plan devices, quantize, from_pretrained.
+
+The demo model and real checkpoints take this same path; only where the files come from differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from backend.demo_models import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
+from backend.device_plan import DevicePlan, parse_gpu_memory, parse_size, plan_device_map, visible_gpu_budgets
+from backend.hub import resolve_model_dir
+from backend.prompting import context_window
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ProgressFn = Callable[[str, float | None], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how; every field has a command-line flag and an environment variable."""
+
+    name: str
+    quantization: str = "none"  # none | 8bit | 4bit
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    gpu_memory: str | None = None  # "0=20GiB,1=10GiB"; None: 90% of each visible GPU's free memory
+    cpu_memory: str | None = None  # None: 80% of available RAM
+    context_length: int | None = None  # KV-cache headroom is planned for this; None: the model's window
+    max_batch_size: int = 1
+    offload_dir: str | None = None
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    path: Path
+    is_demo: bool
+    plan: DevicePlan
+    dtype: torch.dtype
+    load_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def context_window(self) -> int:
+        return context_window(self.model.config, self.tokenizer)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_dtype(requested: str, on_gpu: bool) -> torch.dtype:
+    """fp16/bf16 on GPU; on CPU bf16 only where the CPU has bf16 instructions, else fp32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if on_gpu:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype, offloaded: bool
+) -> BitsAndBytesConfig | None:
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        # Modules planned onto CPU stay unquantized in fp32; bitsandbytes needs to be told.
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloaded)
+    return None
+
+
+def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
+    if spec.name == DEMO_TEXT_MODEL:
+        progress("Building the demo model (first run only)", None)
+        return demo_text_model_dir()
+    return resolve_model_dir(spec.name, progress)
+
+
+def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> LoadedModel:
+    """Resolve, plan and load; raises hub.ModelUnavailable when the files cannot be had."""
+    report = progress or (lambda stage, fraction: None)
+    started = time.perf_counter()
+    path = model_files(spec, report)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    notes = []
+    gpus = parse_gpu_memory(spec.gpu_memory) if spec.gpu_memory else visible_gpu_budgets()
+    if gpus and not torch.cuda.is_available():
+        notes.append("--gpu-memory names GPUs but none is visible: loading on the CPU.")
+        gpus = {}
+    dtype = choose_dtype(spec.dtype, on_gpu=bool(gpus))
+    cpu_budget = (
+        parse_size(spec.cpu_memory) if spec.cpu_memory else int(psutil.virtual_memory().available * 0.8)
+    )
+    context = spec.context_length or context_window(config, None)
+    plan = plan_device_map(config, spec.quantization, dtype, gpus, cpu_budget, context, spec.max_batch_size)
+    notes.extend(plan.warnings)
+    report(f"Loading tokenizer from {path}", None)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    report(f"Loading weights ({spec.quantization}, {str(dtype).removeprefix('torch.')})", None)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        device_map=plan.device_map,
+        quantization_config=quantization_config(spec.quantization, dtype, plan.offloaded),
+        trust_remote_code=False,
+        use_safetensors=True,
+        offload_folder=spec.offload_dir,
+    )
+    model.eval()
+    seconds = time.perf_counter() - started
+    log.info("Loaded %s in %.1f s (%s, %s)", spec.name, seconds, spec.quantization, dtype)
+    return LoadedModel(model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes)

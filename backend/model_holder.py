@@ -1,0 +1,82 @@
+"""Loads the text model in the background and says how far it got, so the UI can start at once.
+
+Falls back to the built-in demo model when the configured one cannot be loaded, and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+
+from backend.demo_models import DEMO_TEXT_MODEL
+from backend.errors import ModelNotReady
+from backend.loading import LoadedModel, ModelSpec, load_text_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadStatus:
+    state: str  # "loading", "ready" or "failed"
+    stage: str
+    fraction: float | None = None
+    fallback_reason: str | None = None  # why the demo model stands in for the configured one
+
+
+class ModelHolder:
+    """Owns one loaded model; `get()` from any thread, `status()` for progress."""
+
+    def __init__(self, spec: ModelSpec, fallback_to_demo: bool = True):
+        self.spec = spec
+        self.fallback_to_demo = fallback_to_demo
+        self._status = LoadStatus("loading", "Waiting to start")
+        self._loaded: LoadedModel | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.load, name="model-loader", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> LoadStatus:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._status
+
+    def status(self) -> LoadStatus:
+        return self._status
+
+    def get(self) -> LoadedModel:
+        if self._loaded is None:
+            status = self._status
+            if status.state == "failed":
+                raise ModelNotReady(f"The model failed to load: {status.stage}")
+            raise ModelNotReady(f"The model is still loading ({status.stage}). Try again in a moment.")
+        return self._loaded
+
+    def load(self) -> LoadStatus:
+        """Load synchronously (the background thread runs this); never raises."""
+        try:
+            self._loaded = load_text_model(self.spec, self._progress)
+            self._status = LoadStatus("ready", f"Ready: {self.spec.name}")
+        except Exception as error:  # any failure: a missing model must not stop the app starting
+            log.exception("Could not load %s", self.spec.name)
+            reason = f"Could not load {self.spec.name}: {error}"
+            if not self.fallback_to_demo or self.spec.name == DEMO_TEXT_MODEL:
+                self._status = LoadStatus("failed", reason)
+                return self._status
+            self._load_demo(reason)
+        return self._status
+
+    def _load_demo(self, reason: str) -> None:
+        demo_spec = replace(self.spec, name=DEMO_TEXT_MODEL, quantization="none", gpu_memory=None)
+        try:
+            self._loaded = load_text_model(demo_spec, self._progress)
+            self._status = LoadStatus("ready", "Ready: built-in demo model", fallback_reason=reason)
+        except Exception as error:
+            log.exception("Could not build the demo model either")
+            self._status = LoadStatus("failed", f"{reason}; the demo model failed too: {error}")
+
+    def _progress(self, stage: str, fraction: float | None) -> None:
+        log.info("%s%s", stage, f" ({fraction:.0%})" if fraction is not None else "")
+        self._status = LoadStatus("loading", stage, fraction)

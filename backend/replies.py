@@ -1,0 +1,42 @@
+"""What a chat or completion request streams back: text plus the numbers shown beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str  # the whole visible reply so far
+    done: bool
+    new_tokens: int
+    seconds: float
+    seed: int
+    mode: str
+    finish_reason: str | None = None
+    notice: str | None = None  # e.g. that old turns were left out to fit the context window
+    first_token_seconds: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def stats_line(self) -> str:
+        parts = [
+            f"{self.new_tokens} tokens",
+            f"{self.tokens_per_second:.1f} tok/s",
+            f"seed {self.seed}",
+            self.mode,
+        ]
+        if self.first_token_seconds is not None:
+            parts.insert(2, f"first token {self.first_token_seconds * 1000:.0f} ms")
+        if self.finish_reason:
+            parts.append(FINISH_REASONS.get(self.finish_reason, self.finish_reason))
+        return " · ".join(parts)
+
+
+FINISH_REASONS = {
+    "stop_word": "stopped at a stop word",
+    "eos": "model ended the reply",
+    "length": "hit max new tokens",
+}

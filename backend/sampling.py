@@ -1,0 +1,63 @@
+"""Next-token choice from logits: transformers' warpers, our per-request torch.Generator.
+
+Small pure functions so each can be checked against a hand-made tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from backend.settings import GenerationSettings
+
+
+def is_greedy(settings: GenerationSettings) -> bool:
+    """Temperature 0 in sample mode means greedy, as in most playgrounds and OpenAI's API."""
+    return settings.mode == "greedy" or (settings.mode == "sample" and settings.temperature == 0.0)
+
+
+def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:
+    """The same warpers, in the same order, that transformers' generate() applies when sampling."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(settings.repetition_penalty)))
+    if is_greedy(settings):
+        return processors
+    if settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(float(settings.temperature)))
+    if settings.top_k > 0:
+        processors.append(TopKLogitsWarper(top_k=settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=float(settings.top_p)))
+    return processors
+
+
+def mask_unknown_tokens(scores: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Embedding matrices are often padded past the tokenizer; never pick an id it cannot decode."""
+    if scores.shape[-1] > vocab_size:
+        scores = scores.clone()
+        scores[..., vocab_size:] = float("-inf")
+    return scores
+
+
+def choose_next_token(
+    scores: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Pick one id per row of already-processed `scores` (shape [batch, vocab])."""
+    if is_greedy(settings):
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """Per-request RNG: another user's request can never shift this one's samples."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
