@@ -21,21 +21,24 @@ class ChatService:
         self.limits = limits
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
-        """Stream the assistant's reply to `message` after `history` (oldest first)."""
+        """Check everything, then return the stream of the reply to `message` after `history`.
+
+        Not a generator itself: bad input raises here, before the caller shows anything.
+        """
         self._check_text("Message", message)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         budget = loaded.context_window - settings.max_new_tokens
         prompt = build_chat_prompt(loaded.tokenizer, settings.system_prompt, history, message.strip(), budget)
-        yield from self._run(loaded, prompt, settings, strip_leading_space=True)
+        return self._run(loaded, prompt, settings, strip_leading_space=True)
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
-        """Continue `text` as is, no chat template; stream only the continuation."""
+        """Continue `text` as is, no chat template; the stream holds only the continuation."""
         self._check_text("Text", text)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         prompt = build_raw_prompt(loaded.tokenizer, text, loaded.context_window - settings.max_new_tokens)
-        yield from self._run(loaded, prompt, settings, strip_leading_space=False)
+        return self._run(loaded, prompt, settings, strip_leading_space=False)
 
     def _check_text(self, what: str, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
@@ -45,7 +48,9 @@ class ChatService:
                 f"{what} is {len(text):,} characters; the limit is {self.limits.max_input_chars:,}."
             )
 
-    def _run(self, loaded, prompt: Prompt, settings: GenerationSettings, strip_leading_space: bool):
+    def _run(
+        self, loaded, prompt: Prompt, settings: GenerationSettings, strip_leading_space: bool
+    ) -> Iterator[Reply]:
         notice = None
         if prompt.dropped_turns:
             turns = "turn was" if prompt.dropped_turns == 1 else "turns were"

@@ -101,7 +101,7 @@ def quantization_config(
 
 def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
     if spec.name == DEMO_TEXT_MODEL:
-        progress("Building the demo model (first run only)", None)
+        progress("Preparing the built-in demo model", None)
         return demo_text_model_dir()
     return resolve_model_dir(spec.name, progress)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from backend.demo_models import DEMO_TEXT_MODEL
 from backend.errors import ModelNotReady
+from backend.hub import ModelUnavailable
 from backend.loading import LoadedModel, ModelSpec, load_text_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,15 @@ class ModelHolder:
     def status(self) -> LoadStatus:
         return self._status
 
+    @property
+    def is_demo(self) -> bool:
+        return self._loaded is not None and self._loaded.is_demo
+
+    @property
+    def loaded_name(self) -> str:
+        """The model actually answering: the demo's name when it stands in."""
+        return self._loaded.spec.name if self._loaded is not None else self.spec.name
+
     def get(self) -> LoadedModel:
         if self._loaded is None:
             status = self._status
@@ -60,7 +70,10 @@ class ModelHolder:
             self._loaded = load_text_model(self.spec, self._progress)
             self._status = LoadStatus("ready", f"Ready: {self.spec.name}")
         except Exception as error:  # any failure: a missing model must not stop the app starting
-            log.exception("Could not load %s", self.spec.name)
+            if isinstance(error, ModelUnavailable):
+                log.warning("%s", error)  # expected offline; a traceback would only alarm
+            else:
+                log.exception("Could not load %s", self.spec.name)
             reason = f"Could not load {self.spec.name}: {error}"
             if not self.fallback_to_demo or self.spec.name == DEMO_TEXT_MODEL:
                 self._status = LoadStatus("failed", reason)
