@@ -1,0 +1,113 @@
+"""Gradio event handlers: turn UI values into backend calls and backend errors into clear messages.
+
+The conversation is never lost: on any error the history is returned as it was, plus a note.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from backend.errors import UserError
+from backend.settings import GenerationSettings, ServerLimits
+from ui.messages import history_to_turns, note
+
+log = logging.getLogger(__name__)
+
+BEAM_NOTE = "Beam search runs to the end before showing anything (it cannot stream)."
+
+
+def shown(text: str) -> str:
+    """Escape so that typed or generated HTML is shown as text; `ui.messages` unescapes it."""
+    return html.escape(text, quote=False)
+
+
+def failure_message(error: Exception) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    return f"Generation failed ({type(error).__name__}: {error}). Your conversation is kept; try again."
+
+
+def chat_turn(
+    service, limits: ServerLimits, message: str, history: list[dict], values: dict[str, Any]
+) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (textbox value, chat history) as the reply streams in."""
+    history = list(history or [])
+    try:
+        settings = GenerationSettings.from_inputs(values, limits)
+        replies = service.chat(message, history_to_turns(history), settings)
+    except Exception as error:  # nothing started: keep the typed message so it can be fixed and resent
+        report(error)
+        yield message, history + [note(f"⚠️ {failure_message(error)}")]
+        return
+    history = history + [{"role": "user", "content": shown(message.strip())}]
+    pending = note(f"⏳ {BEAM_NOTE}") if settings.mode == "beam" else {"role": "assistant", "content": ""}
+    yield "", history + [pending]
+    reply = None
+    try:
+        for reply in replies:
+            yield "", history + [{"role": "assistant", "content": shown(reply.text)}]
+    except Exception as error:
+        report(error)
+        partial = [{"role": "assistant", "content": shown(reply.text)}] if reply and reply.text else []
+        yield "", history + partial + [note(f"⚠️ {failure_message(error)}")]
+        return
+    if reply is None:
+        return
+    notes = [note(f"ℹ️ {reply.notice}")] if reply.notice else []
+    yield (
+        "",
+        history + [{"role": "assistant", "content": shown(reply.text)}, note(reply.stats_line())] + notes,
+    )
+
+
+def complete_text(
+    service, limits: ServerLimits, text: str, values: dict[str, Any]
+) -> Iterator[tuple[str, str]]:
+    """Notebook style: the continuation is written into the same box. Yields (text, stats)."""
+    try:
+        settings = GenerationSettings.from_inputs(values, limits)
+        replies = service.complete(text, settings)
+    except Exception as error:
+        report(error)
+        yield text, f"⚠️ {failure_message(error)}"
+        return
+    yield text, "⏳ " + (BEAM_NOTE if settings.mode == "beam" else "Generating…")
+    reply = None
+    try:
+        for reply in replies:
+            yield text + reply.text, "⏳ " + reply.stats_line()
+    except Exception as error:
+        report(error)
+        yield text + (reply.text if reply else ""), f"⚠️ {failure_message(error)}"
+        return
+    if reply is not None:
+        yield text + reply.text, reply.stats_line()
+
+
+def report(error: Exception) -> None:
+    """Users see a toast; unexpected failures also go to the server log with their traceback."""
+    if isinstance(error, UserError):
+        log.info("Refused a request: %s", error)
+    else:
+        log.exception("Request failed", exc_info=error)
+    gr.Warning(failure_message(error))
+
+
+def api_stream(replies_factory) -> Iterator[str]:
+    """For the named API endpoints: stream the text, turn failures into gr.Error with the message."""
+    try:
+        replies = replies_factory()
+        text = ""
+        for reply in replies:
+            text = reply.text
+            yield text
+    except UserError as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:
+        log.exception("API request failed")
+        raise gr.Error(failure_message(error)) from None
