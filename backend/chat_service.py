@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from backend.errors import BadInput
+from backend.errors import BadInput, ContextOverflow
 from backend.generation import GenerationUpdate, generate_beam, stream_generate
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt
@@ -13,6 +13,17 @@ from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
 
 log = logging.getLogger(__name__)
+
+
+def prompt_budget(context_window: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt once the reply's room is kept free."""
+    budget = context_window - max_new_tokens
+    if budget <= 0:
+        raise ContextOverflow(
+            f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt in this model's "
+            f"{context_window}-token context window; lower it."
+        )
+    return budget
 
 
 class ChatService:
@@ -28,7 +39,7 @@ class ChatService:
         self._check_text("Message", message)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
-        budget = loaded.context_window - settings.max_new_tokens
+        budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
         prompt = build_chat_prompt(loaded.tokenizer, settings.system_prompt, history, message.strip(), budget)
         return self._run(loaded, prompt, settings, strip_leading_space=True)
 
@@ -37,7 +48,8 @@ class ChatService:
         self._check_text("Text", text)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
-        prompt = build_raw_prompt(loaded.tokenizer, text, loaded.context_window - settings.max_new_tokens)
+        budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
+        prompt = build_raw_prompt(loaded.tokenizer, text, budget)
         return self._run(loaded, prompt, settings, strip_leading_space=False)
 
     def _check_text(self, what: str, text: str) -> None:
