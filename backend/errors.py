@@ -23,3 +23,7 @@ class ContextOverflow(UserError):
 
 class ModelNotReady(UserError):
     """The model is still loading or failed to load."""
+
+
+class BadImage(UserError):
+    """An uploaded image that cannot or must not be decoded; the message says which."""
