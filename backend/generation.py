@@ -7,8 +7,9 @@ plus cancellation within one step need the sampling step in our hands.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -70,9 +71,18 @@ def _forward(model, input_ids: torch.Tensor, past_key_values):
 
 
 def stream_generate(
-    model, tokenizer, prompt_ids: list[int], settings: GenerationSettings
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    settings: GenerationSettings,
+    prefill: Callable[[], Any] | None = None,
+    decode_model=None,
 ) -> Iterator[GenerationUpdate]:
-    """Yield an update per decoded token; closing the iterator cancels after the current step."""
+    """Yield an update per decoded token; closing the iterator cancels after the current step.
+
+    `prefill` replaces the first forward pass (a vision model merges image features there) and
+    `decode_model` takes the later single-token steps; both default to `model` on `prompt_ids`.
+    """
     if settings.seed < 0:
         raise ValueError("stream_generate needs a concrete seed; call settings.with_seed() first")
     started = time.perf_counter()
@@ -86,7 +96,8 @@ def stream_generate(
     generated: list[int] = []
     shown = ""
     first_token_seconds = None
-    outputs = _forward(model, all_ids, None)
+    outputs = prefill() if prefill is not None else _forward(model, all_ids, None)
+    decode_model = decode_model if decode_model is not None else model
     for step in range(settings.max_new_tokens):
         scores = outputs.logits[:, -1, :].float()
         if generator is None:
@@ -111,7 +122,7 @@ def stream_generate(
         yield GenerationUpdate(shown, len(generated), False, None, now, first_token_seconds)
         next_tensor = torch.tensor([[next_id]], dtype=torch.long, device=all_ids.device)
         all_ids = torch.cat([all_ids, next_tensor], dim=-1)
-        outputs = _forward(model, next_tensor, outputs.past_key_values)
+        outputs = _forward(decode_model, next_tensor, outputs.past_key_values)
 
 
 def beam_config(model, tokenizer, settings: GenerationSettings) -> GenerationConfig:
