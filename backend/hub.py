@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import tqdm as hub_tqdm
 
 # Safetensors only: a .bin checkpoint is a pickle and can run code when loaded.
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -57,7 +58,23 @@ def resolve_model_dir(name: str, progress: Callable[[str, float | None], None] |
     if not hub_reachable():
         raise ModelUnavailable(f"{name} is not cached and the Hub ({constants.ENDPOINT}) cannot be reached")
     report(f"Downloading {name}", 0.0)
-    path = Path(snapshot_download(name, allow_patterns=MODEL_FILE_PATTERNS))
+    path = Path(
+        snapshot_download(name, allow_patterns=MODEL_FILE_PATTERNS, tqdm_class=progress_bar(name, report))
+    )
     if not any(path.glob("*.safetensors")):
         raise ModelUnavailable(f"{name} has no safetensors weights; pickled .bin checkpoints are not loaded")
     return path
+
+
+def progress_bar(name: str, report: Callable[[str, float | None], None]) -> type[hub_tqdm]:
+    """A tqdm class for snapshot_download that also reports its byte counts to `report`."""
+
+    class ReportingTqdm(hub_tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.unit == "B" and self.total:
+                gigabytes = f"{self.n / 1e9:.2f} of {self.total / 1e9:.2f} GB"
+                report(f"Downloading {name}: {gigabytes}", min(1.0, self.n / self.total))
+            return shown
+
+    return ReportingTqdm
