@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 from backend.errors import BadInput, ContextOverflow
 from backend.generation import GenerationUpdate, generate_beam, stream_generate
+from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
-from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt
+from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
 
@@ -30,6 +31,7 @@ class ChatService:
     def __init__(self, holder: ModelHolder, limits: ServerLimits):
         self.holder = holder
         self.limits = limits
+        self._inspector: Inspector | None = None
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         """Check everything, then return the stream of the reply to `message` after `history`.
@@ -86,3 +88,52 @@ class ChatService:
                 notice=notice,
                 first_token_seconds=update.first_token_seconds,
             )
+
+    def inspector(self) -> Inspector:
+        loaded = self.holder.get()
+        inspector = self._inspector
+        if inspector is None or inspector.model is not loaded.model:  # a new model needs a new cache
+            inspector = self._inspector = Inspector(loaded.model, loaded.tokenizer)
+        return inspector
+
+    def text_ids(self, text: str) -> list[int]:
+        """Raw text as the tokenizer encodes it (BOS as it adds it); a rendered chat keeps one BOS."""
+        if not isinstance(text, str):
+            raise BadInput("Text must be a string.")
+        if len(text) > self.limits.max_input_chars:
+            raise BadInput(f"Text is {len(text):,} characters; the limit is {self.limits.max_input_chars:,}.")
+        loaded = self.holder.get()
+        ids = encode_rendered(loaded.tokenizer, text)
+        if not ids:
+            raise BadInput("Text is empty and this tokenizer adds no BOS token: type something.")
+        if len(ids) > loaded.context_window:
+            raise ContextOverflow(
+                f"The text is {len(ids)} tokens; the context window is {loaded.context_window}."
+            )
+        return ids
+
+    def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> NextTokens:
+        """The top-n next tokens after `text`, before and after the warpers of `settings`."""
+        settings = settings.validated(self.limits)
+        return self.inspector().next_tokens(self.text_ids(text), settings, n)
+
+    def step_text(self, text: str, settings: GenerationSettings) -> str:
+        """`text` plus the token generation would choose next (greedy, or seeded sample)."""
+        settings = settings.validated(self.limits)
+        loaded = self.holder.get()
+        ids = self.text_ids(text)
+        chosen = self.inspector().step(ids, settings)
+        return (
+            text
+            + loaded.tokenizer.decode(ids + [chosen], skip_special_tokens=False)[
+                len(loaded.tokenizer.decode(ids, skip_special_tokens=False)) :
+            ]
+        )
+
+    def chat_context(self, history: list[Turn], system_prompt: str) -> str:
+        """The chat as the model reads it, up to the end of the last reply."""
+        if not history:
+            raise BadInput("The chat is empty: send a message first.")
+        loaded = self.holder.get()
+        text, _ = render_chat(loaded.tokenizer, system_prompt, history[:-1], history[-1].user)
+        return text + history[-1].assistant

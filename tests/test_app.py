@@ -40,7 +40,7 @@ def chat(client, **kwargs) -> str:
 
 def test_named_endpoints_are_exposed(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/complete"} <= set(endpoints)
+    assert {"/chat", "/complete", "/next_tokens"} <= set(endpoints)
     chat_params = {p["parameter_name"] for p in endpoints["/chat"]["parameters"]}
     assert chat_params == {
         "message",
@@ -189,3 +189,14 @@ def test_concurrent_users_are_all_served(client, server):
     assert sorted(results) == [0, 1, 2, 3]
     # Seeded replies are the same whether a request ran beside others or alone.
     assert results[2] == chat(client, message="user 2", seed=2, max_new_tokens=12)
+
+
+def test_next_tokens_api(client):
+    result = client.predict(text="The weather", top_k=3, n=8, api_name="/next_tokens")
+    raw = [token["p_raw"] for token in result["tokens"]]
+    assert len(raw) == 8 and raw == sorted(raw, reverse=True)
+    kept = [token for token in result["tokens"] if token["p_final"] > 0]
+    assert len(kept) == 3 and sum(token["p_final"] for token in kept) == pytest.approx(1.0, rel=1e-4)
+    assert set(result) == {"tokens", "entropy_raw", "entropy_final"}
+    with pytest.raises(Exception, match="'top_p'"):
+        client.predict(text="x", top_p=0, api_name="/next_tokens")

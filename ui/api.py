@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from backend.errors import UserError
 from backend.settings import GenerationSettings, ServerLimits
 from ui.handlers import api_stream
 
@@ -55,6 +56,25 @@ def register_api(service, limits: ServerLimits, concurrency: int) -> None:
         values = settings_values(locals())
         yield from api_stream(lambda: service.complete(text, GenerationSettings.from_inputs(values, limits)))
 
+    def next_tokens(
+        text: str,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        n: int = 10,
+    ) -> dict:
+        """Top-n next tokens after `text` (raw, BOS as the tokenizer adds it): p_raw and p_final."""
+        settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        try:
+            checked = GenerationSettings.from_inputs(
+                {**settings, "repetition_penalty": repetition_penalty}, limits
+            )
+            return service.next_tokens(text, checked, int(n)).to_dict()
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+
+    gr.api(next_tokens, api_name="next_tokens", concurrency_id="inspector")
     for endpoint in (chat, complete):
         gr.api(
             endpoint, api_name=endpoint.__name__, concurrency_limit=concurrency, concurrency_id="generation"

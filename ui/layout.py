@@ -11,6 +11,7 @@ from ui.api import register_api
 from ui.banner import banner_markdown
 from ui.controls import build_controls
 from ui.handlers import chat_turn, complete_text
+from ui.inspector_tab import build_inspector_tab, wire_inspector
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CSS = (ASSETS / "style.css").read_text()
@@ -52,6 +53,7 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_completion = gr.Button("Stop", variant="stop", elem_id="stop-completion")
+                inspector = build_inspector_tab()
             with gr.Column(scale=1, min_width=280), gr.Accordion("Generation settings", open=True):
                 controls = build_controls(limits)
 
@@ -96,5 +98,6 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
 
         timer.tick(refresh_banner, None, [banner_box, timer], api_visibility="private", queue=False)
         demo.load(refresh_banner, None, [banner_box, timer], api_visibility="private", queue=False)
+        wire_inspector(service, limits, inspector, controls, chatbot)
         register_api(service, limits, concurrency)
     return demo

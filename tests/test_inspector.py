@@ -1,0 +1,127 @@
+"""Inspector numbers against an independent computation on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backend.chat_service import ChatService
+from backend.errors import BadInput
+from backend.inspector import Inspector
+from backend.loading import ModelSpec
+from backend.model_holder import ModelHolder
+from backend.prompting import Turn
+from backend.settings import GenerationSettings, ServerLimits
+from ui.inspector_view import distribution_html
+
+TEXT = "The weather today is"
+PLAIN = GenerationSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def inspector(demo_model, demo_tokenizer):
+    return Inspector(demo_model, demo_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model, demo_tokenizer):
+    """Plain softmax of the last-position logits, computed here without our code."""
+    ids = demo_tokenizer(TEXT)["input_ids"]
+    with torch.no_grad():
+        logits = demo_model(torch.tensor([ids])).logits[0, -1].double()
+    return ids, torch.softmax(logits, dim=-1)
+
+
+def test_p_raw_is_the_plain_softmax_sorted_descending(inspector, reference):
+    ids, probs = reference
+    result = inspector.next_tokens(ids, PLAIN, 20)
+    expected = torch.topk(probs, 20)
+    assert [t.id for t in result.tokens] == expected.indices.tolist()
+    assert [t.p_raw for t in result.tokens] == pytest.approx(expected.values.tolist(), rel=1e-4)
+    assert result.entropy_raw == pytest.approx(float(-(probs * probs.log()).sum()), rel=1e-4)
+
+
+def test_top_k_keeps_exactly_k(inspector, reference):
+    ids, probs = reference
+    result = inspector.next_tokens(
+        ids, PLAIN.__class__(**{**PLAIN.to_dict(), "stop_words": (), "top_k": 5}), 20
+    )
+    kept = [t for t in result.tokens if t.p_final > 0]
+    assert [t.id for t in kept] == torch.topk(probs, 5).indices.tolist()
+    top5 = torch.topk(probs, 5).values
+    assert [t.p_final for t in kept] == pytest.approx((top5 / top5.sum()).tolist(), rel=1e-4)
+    assert sum(t.p_final for t in result.tokens) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p(demo_model, demo_tokenizer):
+    inspector = Inspector(demo_model, demo_tokenizer)
+    ids = demo_tokenizer(TEXT)["input_ids"]
+    # A peaked distribution makes top-p bite: temperature 0.05 sharpens the random model's logits.
+    settings = GenerationSettings(temperature=0.05, top_k=0, top_p=0.9, repetition_penalty=1.0)
+    # Generation never draws ids past the tokenizer's vocabulary (the embedding is padded to 1024).
+    logits = inspector.logits(ids).double()[: len(demo_tokenizer)]
+    sharpened = torch.softmax(logits / 0.05, dim=-1)
+    ordered = torch.sort(sharpened, descending=True).values
+    needed = int((torch.cumsum(ordered, 0) < 0.9).sum()) + 1  # smallest prefix whose sum reaches 0.9
+    result = inspector.next_tokens(ids, settings, 100)
+    assert sum(t.p_final > 0 for t in result.tokens) == needed
+
+
+def test_temperature_to_zero_approaches_one_hot(inspector, reference):
+    ids, probs = reference
+    finals = [
+        inspector.next_tokens(ids, GenerationSettings(temperature=t, top_k=0, top_p=1.0), 1).tokens[0].p_final
+        for t in (1.0, 0.1, 0.01)
+    ]
+    assert finals[0] < finals[1] < finals[2]
+    greedy = inspector.next_tokens(ids, GenerationSettings(temperature=0.0, top_k=0, top_p=1.0), 3)
+    assert [t.p_final for t in greedy.tokens] == [1.0, 0.0, 0.0]
+    assert greedy.tokens[0].id == int(probs.argmax())
+    assert greedy.entropy_final == 0.0
+
+
+def test_step_is_argmax_for_greedy_and_seeded_for_sampling(inspector, reference):
+    ids, probs = reference
+    assert inspector.step(ids, GenerationSettings(mode="greedy")) == int(probs.argmax())
+    sampled = {
+        inspector.step(ids, GenerationSettings(seed=s, temperature=1.0, top_k=0, top_p=1.0)) for s in range(8)
+    }
+    assert len(sampled) > 1
+    assert inspector.step(ids, GenerationSettings(seed=3)) == inspector.step(ids, GenerationSettings(seed=3))
+
+
+@pytest.fixture(scope="module")
+def service(demo_text_dir):
+    holder = ModelHolder(ModelSpec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
+    holder.load()
+    return ChatService(holder, ServerLimits())
+
+
+def test_service_tokenises_with_bos_as_the_tokenizer_adds_it(service, reference):
+    ids, probs = reference
+    result = service.next_tokens(TEXT, PLAIN, 3)
+    assert [t.id for t in result.tokens] == torch.topk(probs, 3).indices.tolist()
+    assert service.text_ids(TEXT) == ids
+
+
+def test_step_text_appends_one_token(service):
+    stepped = service.step_text(TEXT, GenerationSettings(mode="greedy"))
+    assert stepped.startswith(TEXT) and len(stepped) > len(TEXT)
+
+
+def test_chat_context_renders_the_conversation(service):
+    context = service.chat_context([Turn("hello", "hi there")], "Be brief.")
+    assert context.endswith("hi there") and "hello" in context and "Be brief." in context
+    with pytest.raises(BadInput, match="chat is empty"):
+        service.chat_context([], "")
+
+
+def test_view_escapes_tokens_and_marks_removed(service):
+    result = service.next_tokens(TEXT, GenerationSettings(top_k=2, top_p=1.0), 5).to_dict()
+    result["tokens"][0]["text"] = "<img src=x onerror=alert(1)>"
+    page = distribution_html(result)
+    assert "<img" not in page and "&lt;img" in page
+    assert page.count('class="removed"') == 3
+    assert not math.isnan(result["entropy_final"])

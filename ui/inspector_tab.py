@@ -1,0 +1,101 @@
+"""The Inspector tab: what the settings do to the next-token distribution, live."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+
+from backend.errors import UserError
+from backend.settings import GenerationSettings, ServerLimits
+from ui.handlers import failure_message, report
+from ui.inspector_view import distribution_html
+from ui.messages import history_to_turns
+
+log = logging.getLogger(__name__)
+
+LIVE_CONTROLS = ("mode", "seed", "temperature", "top_k", "top_p", "repetition_penalty")
+EMPTY_VIEW = "<p>Type a text and press <b>Show next tokens</b>.</p>"
+
+
+def error_html(error: Exception) -> str:
+    return f'<p class="error">⚠️ {html.escape(failure_message(error))}</p>'
+
+
+@dataclass(frozen=True)
+class InspectorTab:
+    text: gr.Textbox
+    count: gr.Slider
+    show: gr.Button
+    step: gr.Button
+    from_chat: gr.Button
+    view: gr.HTML
+
+
+def build_inspector_tab() -> InspectorTab:
+    """Call where the tab goes; wire it with `wire_inspector` once the settings panel exists."""
+    with gr.Tab("Inspector", id="inspector"):
+        gr.Markdown(
+            "The model's next-token probabilities for the text, raw (grey) and after repetition "
+            "penalty, temperature, top-k and top-p from the settings panel (orange). Tokens the "
+            "settings remove are struck through. Moving a slider updates the picture."
+        )
+        text = gr.Textbox(label="Text (raw, no chat template)", lines=6, elem_id="inspector-text")
+        with gr.Row():
+            count = gr.Slider(5, 50, 15, step=1, label="Tokens listed", elem_id="inspector-count")
+            show = gr.Button("Show next tokens", variant="primary", elem_id="inspector-show")
+            step = gr.Button("Step", elem_id="inspector-step")
+            from_chat = gr.Button("Use chat context", elem_id="inspector-from-chat")
+        view = gr.HTML(EMPTY_VIEW, elem_id="inspector-view")
+    return InspectorTab(text, count, show, step, from_chat, view)
+
+
+def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: dict, chatbot) -> None:
+    text, count, view = tab.text, tab.count, tab.view
+    control_inputs = set(controls.values())
+
+    def settings_of(data) -> GenerationSettings:
+        return GenerationSettings.from_inputs({k: data[c] for k, c in controls.items()}, limits)
+
+    def render(data, quiet: bool = False) -> str:
+        if not data[text]:
+            return EMPTY_VIEW
+        try:
+            result = service.next_tokens(data[text], settings_of(data), int(data[count]))
+        except Exception as error:
+            if not quiet:
+                report(error)
+            elif not isinstance(error, UserError):
+                log.exception("Inspector failed")
+            return error_html(error)
+        return distribution_html(result.to_dict())
+
+    def on_step(data):
+        try:
+            data[text] = service.step_text(data[text], settings_of(data))
+        except Exception as error:
+            report(error)
+            return gr.update(), error_html(error)
+        return data[text], render(data)
+
+    def on_from_chat(data):
+        system_prompt = data[controls["system_prompt"]]
+        try:
+            data[text] = service.chat_context(history_to_turns(data[chatbot]), system_prompt)
+        except Exception as error:
+            report(error)
+            return gr.update(), error_html(error)
+        return data[text], render(data)
+
+    inputs = {text, count} | control_inputs
+    private = {"api_visibility": "private", "concurrency_id": "inspector"}
+    tab.show.click(render, inputs, view, **private)
+    text.submit(render, inputs, view, **private)
+    tab.step.click(on_step, inputs, [text, view], **private)
+    tab.from_chat.click(on_from_chat, inputs | {chatbot}, [text, view], **private)
+    for name in LIVE_CONTROLS:
+        controls[name].change(
+            lambda data: render(data, quiet=True), inputs, view, trigger_mode="always_last", **private
+        )
