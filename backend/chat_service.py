@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+from backend.engine_stats import EngineStats
 from backend.errors import BadInput, ContextOverflow
 from backend.generation import GenerationUpdate, generate_beam, stream_generate
 from backend.inspector import Inspector, NextTokens
@@ -32,6 +33,7 @@ class ChatService:
         self.holder = holder
         self.limits = limits
         self._inspector: Inspector | None = None
+        self.stats = EngineStats()
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         """Check everything, then return the stream of the reply to `message` after `history`.
@@ -75,7 +77,35 @@ class ChatService:
             )
         else:
             updates = stream_generate(loaded.model, loaded.tokenizer, prompt.ids, settings)
+        yield from self._counted(self._replies(updates, settings, notice, strip_leading_space))
+
+    def _counted(self, replies: Iterator[Reply]) -> Iterator[Reply]:
+        """Feed the live stats; a closed stream (Stop, disconnect) counts as cancelled."""
+        self.stats.started()
+        outcome, counted = "cancelled", 0
+        try:
+            for reply in replies:
+                self.stats.add_tokens(reply.new_tokens - counted)
+                counted = reply.new_tokens
+                yield reply
+            outcome = "finished"
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.stats.ended(outcome)
+
+    def _replies(
+        self,
+        updates: Iterator[GenerationUpdate],
+        settings: GenerationSettings,
+        notice,
+        strip_leading_space: bool,
+    ) -> Iterator[Reply]:
+        tokens = []
         for update in updates:
+            if update.token is not None:
+                tokens.append(update.token)
             text = update.text.lstrip() if strip_leading_space else update.text
             yield Reply(
                 text=text,
@@ -87,6 +117,7 @@ class ChatService:
                 finish_reason=update.finish_reason,
                 notice=notice,
                 first_token_seconds=update.first_token_seconds,
+                tokens=tuple(tokens) if update.finished else (),
             )
 
     def inspector(self) -> Inspector:

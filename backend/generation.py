@@ -22,6 +22,19 @@ from backend.stopping import StopWordMatcher, safe_decode
 DECODE_CONTEXT_TOKENS = 4
 
 
+ALTERNATIVES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One generated token as the sampler saw it, for colouring replies by probability."""
+
+    id: int
+    text: str  # what this token added to the reply
+    probability: float  # under the distribution it was drawn from
+    alternatives: tuple[tuple[str, float], ...]  # the likeliest tokens at that step
+
+
 @dataclass(frozen=True)
 class GenerationUpdate:
     text: str  # the visible continuation so far; only ever grows
@@ -30,6 +43,7 @@ class GenerationUpdate:
     finish_reason: str | None = None  # "stop_word", "eos" or "length" when finished
     seconds: float = 0.0
     first_token_seconds: float | None = None
+    token: TokenChoice | None = None  # the token this update added (None for beams)
 
     @property
     def tokens_per_second(self) -> float:
@@ -94,7 +108,7 @@ def stream_generate(
     all_ids = torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model))
     generator = None
     generated: list[int] = []
-    shown = ""
+    shown = previous_text = ""
     first_token_seconds = None
     outputs = prefill() if prefill is not None else _forward(model, all_ids, None)
     decode_model = decode_model if decode_model is not None else model
@@ -111,18 +125,37 @@ def stream_generate(
             return
         generated.append(next_id)
         last = step == settings.max_new_tokens - 1
-        cut = matcher.feed(decoder.decode(generated), final=last)
+        full_text = decoder.decode(generated)
+        token = describe_choice(tokenizer, scores[0], next_id, full_text[len(previous_text) :])
+        previous_text = full_text
+        cut = matcher.feed(full_text, final=last)
         # Never take back what was shown, even if a tokenizer re-decodes earlier text differently.
         if cut.visible.startswith(shown):
             shown = cut.visible
         if cut.stopped or last:
             reason = "stop_word" if cut.stopped else "length"
-            yield GenerationUpdate(shown, len(generated), True, reason, now, first_token_seconds)
+            yield GenerationUpdate(shown, len(generated), True, reason, now, first_token_seconds, token)
             return
-        yield GenerationUpdate(shown, len(generated), False, None, now, first_token_seconds)
+        yield GenerationUpdate(shown, len(generated), False, None, now, first_token_seconds, token)
         next_tensor = torch.tensor([[next_id]], dtype=torch.long, device=all_ids.device)
         all_ids = torch.cat([all_ids, next_tensor], dim=-1)
         outputs = _forward(decode_model, next_tensor, outputs.past_key_values)
+
+
+def describe_choice(tokenizer, scores: torch.Tensor, token_id: int, piece: str) -> TokenChoice:
+    """The chosen token's probability and the likeliest alternatives under processed `scores`."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    top = torch.topk(probs, min(ALTERNATIVES_SHOWN, probs.numel()))
+    alternatives = tuple(
+        (safe_decode(tokenizer, [int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)
+    )
+    return TokenChoice(token_id, piece, float(probs[token_id]), alternatives)
+
+
+def padded_token_ids(model, tokenizer) -> list[int]:
+    """Rows of a padded embedding matrix past the tokenizer: mask_unknown_tokens' ids, for generate()."""
+    rows = getattr(model.config.get_text_config(), "vocab_size", None) or 0
+    return list(range(len(tokenizer), rows))
 
 
 def beam_config(model, tokenizer, settings: GenerationSettings) -> GenerationConfig:
@@ -137,6 +170,7 @@ def beam_config(model, tokenizer, settings: GenerationSettings) -> GenerationCon
         eos_token_id=eos or None,
         pad_token_id=pad,
         stop_strings=list(settings.stop_words) or None,
+        suppress_tokens=padded_token_ids(model, tokenizer) or None,
     )
 
 

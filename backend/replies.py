@@ -16,6 +16,7 @@ class Reply:
     finish_reason: str | None = None
     notice: str | None = None  # e.g. that old turns were left out to fit the context window
     first_token_seconds: float | None = None
+    tokens: tuple = ()  # backend.generation.TokenChoice per generated token, on the final reply only
 
     @property
     def tokens_per_second(self) -> float:

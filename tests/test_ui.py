@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import html
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -15,8 +18,10 @@ from backend.loading import ModelSpec
 from backend.model_holder import ModelHolder
 from backend.settings import GenerationSettings, ServerLimits
 from ui.controls import build_controls
-from ui.handlers import chat_turn, complete_text
+from ui.conversation_files import export_chat, import_chat
+from ui.handlers import chat_turn, complete_text, regenerate, undo
 from ui.messages import history_to_turns, note, text_of
+from ui.token_view import tokens_html
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = ServerLimits(max_new_tokens=64)
@@ -89,7 +94,7 @@ def run_chat(service, message, history, **overrides):
 
 def test_chat_turn_streams_then_adds_stats(service):
     updates = run_chat(service, "Hi <script>x</script>", [], seed=5)
-    box, history = updates[-1]
+    box, history, _ = updates[-1]
     assert box == ""
     assert history[0] == {"role": "user", "content": "Hi &lt;script&gt;x&lt;/script&gt;"}
     assert history[1]["role"] == "assistant" and "metadata" not in history[1]
@@ -108,7 +113,7 @@ def test_chat_turn_streams_then_adds_stats(service):
 def test_chat_turn_errors_keep_history_and_typed_message(service, message, overrides, expected):
     before = [{"role": "user", "content": "old"}, {"role": "assistant", "content": "answer"}]
     updates = run_chat(service, message, list(before), **overrides)
-    box, history = updates[-1]
+    box, history, _ = updates[-1]
     assert box == message  # the typed text stays to be fixed
     assert history[:2] == before
     assert expected in history[2]["metadata"]["title"]
@@ -125,7 +130,7 @@ def test_chat_turn_failure_mid_stream_keeps_partial_reply(service, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", failing)
-    box, history = run_chat(service, "Hello", [], seed=1, max_new_tokens=8)[-1]
+    box, history, _ = run_chat(service, "Hello", [], seed=1, max_new_tokens=8)[-1]
     assert history[0]["content"] == "Hello"
     assert "Generation failed (RuntimeError: boom)" in history[-1]["metadata"]["title"]
     assert history_to_turns(history)  # the partial reply is part of the conversation
@@ -144,3 +149,68 @@ def test_complete_text_writes_into_the_same_box(service):
     assert "greedy" in stats
     bad_text, bad_stats = list(complete_text(service, LIMITS, "Once", values(top_k=-3)))[-1]
     assert bad_text == "Once" and "'top_k'" in bad_stats
+
+
+def test_token_view_covers_the_visible_reply_and_escapes(service):
+    reply = list(service.chat("Hello", [], GenerationSettings(seed=2, max_new_tokens=12)))[-1]
+    assert len(reply.tokens) == reply.new_tokens
+    for token in reply.tokens:
+        assert 0.0 < token.probability <= 1.0
+        assert token.alternatives[0][1] >= token.probability or token.alternatives[0][0] == token.text
+    page = tokens_html(reply.tokens, reply.text)
+    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', page)
+    assert html.unescape("".join(spans)).strip() == reply.text
+    fake = [SimpleNamespace(text="<b>", probability=0.5, alternatives=(("<b>", 0.5),)), *reply.tokens]
+    assert "<b>" not in tokens_html(fake, "<b>")
+
+
+def test_token_view_stops_at_the_stop_word(service):
+    full = list(service.chat("Hello", [], GenerationSettings(mode="greedy", max_new_tokens=30)))[-1].text
+    stop = full[5:8]
+    cut = list(
+        service.chat("Hello", [], GenerationSettings(mode="greedy", max_new_tokens=30, stop_words=(stop,)))
+    )
+    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', tokens_html(cut[-1].tokens, cut[-1].text))
+    assert html.unescape("".join(spans)).strip() == full[: full.index(stop)].strip()
+
+
+def test_retry_replaces_the_last_reply_and_undo_restores_the_text(service):
+    _, history, _ = run_chat(service, "First", [], seed=1)[-1]
+    _, history, _ = run_chat(service, "Second", history, seed=1)[-1]
+    assert len(history_to_turns(history)) == 2
+    _, retried, _ = list(regenerate(service, LIMITS, history, len(history) - 2, values(seed=99)))[-1]
+    assert retried[:3] == history[:3]  # the first exchange and its stats stay
+    assert retried[3]["content"] == "Second" and "seed 99" in retried[-1]["metadata"]["title"]
+    _, edited, _ = list(regenerate(service, LIMITS, history, 3, values(seed=5), new_text="Changed"))[-1]
+    assert [t.user for t in history_to_turns(edited)] == ["First", "Changed"]
+    text, undone = undo(history, 3)
+    assert text == "Second" and undone == history[:3]
+
+
+def test_export_then_import_round_trips_the_chat_and_settings(service, tmp_path):
+    _, history, _ = run_chat(service, "Hi <there> & you", [], seed=4)[-1]
+    path = export_chat(history, values(seed=4, mode="greedy", stop_words="END\n\\n"), "demo", LIMITS)
+    names = list(GenerationSettings.field_names())
+    imported = import_chat(path, LIMITS, names)
+    assert history_to_turns(imported[0]) == history_to_turns(history)
+    restored = dict(zip(names, imported[1:], strict=True))
+    assert restored["mode"] == "greedy" and restored["seed"] == 4 and restored["stop_words"] == "END\n\\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    assert all(
+        isinstance(output, dict) and output.get("__type__") == "update"
+        for output in import_chat(str(bad), LIMITS, names)
+    )
+
+
+def test_stats_count_finished_and_cancelled_requests(demo_text_dir):
+    holder = ModelHolder(ModelSpec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
+    holder.load()
+    service = ChatService(holder, LIMITS)
+    list(service.chat("Hello", [], GenerationSettings(max_new_tokens=5)))
+    stream = service.chat("Hello", [], GenerationSettings(max_new_tokens=50))
+    next(stream)
+    stream.close()
+    snapshot = service.stats.snapshot()
+    assert (snapshot.finished_requests, snapshot.cancelled_requests, snapshot.active_requests) == (1, 1, 0)
+    assert snapshot.tokens_per_second > 0

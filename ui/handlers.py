@@ -14,7 +14,8 @@ import gradio as gr
 
 from backend.errors import UserError
 from backend.settings import GenerationSettings, ServerLimits
-from ui.messages import history_to_turns, note
+from ui.messages import history_to_turns, is_note, note, text_of
+from ui.token_view import tokens_html
 
 log = logging.getLogger(__name__)
 
@@ -33,36 +34,66 @@ def failure_message(error: Exception) -> str:
 
 
 def chat_turn(
-    service, limits: ServerLimits, message: str, history: list[dict], values: dict[str, Any]
-) -> Iterator[tuple[str, list[dict]]]:
-    """Yield (textbox value, chat history) as the reply streams in."""
+    service,
+    limits: ServerLimits,
+    message: str,
+    history: list[dict],
+    values: dict[str, Any],
+    colour: bool = False,
+) -> Iterator[tuple[str, list[dict], str]]:
+    """Yield (textbox value, chat history, token view) as the reply streams in."""
     history = list(history or [])
     try:
         settings = GenerationSettings.from_inputs(values, limits)
         replies = service.chat(message, history_to_turns(history), settings)
     except Exception as error:  # nothing started: keep the typed message so it can be fixed and resent
         report(error)
-        yield message, history + [note(f"⚠️ {failure_message(error)}")]
+        yield message, history + [note(f"⚠️ {failure_message(error)}")], ""
         return
     history = history + [{"role": "user", "content": shown(message.strip())}]
     pending = note(f"⏳ {BEAM_NOTE}") if settings.mode == "beam" else {"role": "assistant", "content": ""}
-    yield "", history + [pending]
+    yield "", history + [pending], ""
     reply = None
     try:
         for reply in replies:
-            yield "", history + [{"role": "assistant", "content": shown(reply.text)}]
+            yield "", history + [{"role": "assistant", "content": shown(reply.text)}], ""
     except Exception as error:
         report(error)
         partial = [{"role": "assistant", "content": shown(reply.text)}] if reply and reply.text else []
-        yield "", history + partial + [note(f"⚠️ {failure_message(error)}")]
+        yield "", history + partial + [note(f"⚠️ {failure_message(error)}")], ""
         return
     if reply is None:
         return
     notes = [note(f"ℹ️ {reply.notice}")] if reply.notice else []
-    yield (
-        "",
-        history + [{"role": "assistant", "content": shown(reply.text)}, note(reply.stats_line())] + notes,
-    )
+    answer = {"role": "assistant", "content": shown(reply.text)}
+    view = tokens_html(reply.tokens, reply.text) if colour else ""
+    yield "", history + [answer, note(reply.stats_line())] + notes, view
+
+
+def last_user_index(history: list[dict], before: int) -> int | None:
+    """Index of the last user message at or before `before`."""
+    for index in range(min(before, len(history) - 1), -1, -1):
+        if history[index].get("role") == "user" and not is_note(history[index]):
+            return index
+    return None
+
+
+def regenerate(service, limits, history, index: int, values, colour=False, new_text: str | None = None):
+    """Retry (or, with `new_text`, edit) from the user message at or before `index`."""
+    start = last_user_index(list(history or []), index)
+    if start is None:
+        yield "", history, ""
+        return
+    message = new_text if new_text is not None else html.unescape(text_of(history[start]["content"]))
+    yield from chat_turn(service, limits, message, list(history[:start]), values, colour)
+
+
+def undo(history: list[dict], index: int) -> tuple[str, list[dict]]:
+    """Drop the message at `index` and everything after it; its text goes back to the textbox."""
+    start = last_user_index(list(history or []), index)
+    if start is None:
+        return "", history
+    return html.unescape(text_of(history[start]["content"])), list(history[:start])
 
 
 def complete_text(
