@@ -50,7 +50,7 @@ class DevicePlan:
 
 
 def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)  # float() accepts each
     unit = (match.group(2).lower() or "b") if match else ""
     if not match or unit not in UNITS:
         raise InvalidMemorySpec(f"cannot read the size {text!r}; write e.g. 20GiB or 500MB")
@@ -105,9 +105,9 @@ def full_precision_params(
     return special
 
 
-def meta_model_from_config(config):
+def meta_model_from_config(config, model_class=AutoModelForCausalLM):
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        return model_class.from_config(config, trust_remote_code=False)
 
 
 def plan_device_map(
@@ -118,8 +118,9 @@ def plan_device_map(
     cpu_budget: int,
     context_length: int,
     batch_size: int = 1,
+    model_class=AutoModelForCausalLM,
 ) -> DevicePlan:
-    """Plan without weights. No GPU budgets: everything on the CPU."""
+    """Plan without weights. No GPU budgets: everything on the CPU. `model_class` builds the meta model."""
     if not gpu_budgets:
         return DevicePlan({"": "cpu"}, {"cpu": cpu_budget}, {}, ())
     kv_total = kv_cache_bytes(config, context_length, batch_size, torch.finfo(compute_dtype).bits // 8)
@@ -128,7 +129,7 @@ def plan_device_map(
     reserved = {d: ACTIVATION_HEADROOM_BYTES + kv_total * b // total_budget for d, b in gpu_budgets.items()}
     max_memory: dict[int | str, int] = {d: max(0, b - reserved[d]) for d, b in gpu_budgets.items()}
     max_memory["cpu"] = cpu_budget
-    meta_model = meta_model_from_config(config)
+    meta_model = meta_model_from_config(config, model_class)
     device_map = infer_auto_device_map(
         meta_model,
         max_memory=dict(max_memory),  # a copy: accelerate mutates the dict it is given

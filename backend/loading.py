@@ -106,12 +106,10 @@ def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
     return resolve_model_dir(spec.name, progress)
 
 
-def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> LoadedModel:
-    """Resolve, plan and load; raises hub.ModelUnavailable when the files cannot be had."""
-    report = progress or (lambda stage, fraction: None)
-    started = time.perf_counter()
-    path = model_files(spec, report)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+def plan_placement(
+    spec: ModelSpec, config, model_class=AutoModelForCausalLM
+) -> tuple[DevicePlan, torch.dtype, list[str]]:
+    """Device map and compute dtype within the spec's budgets, plus notes for the user."""
     notes = []
     gpus = parse_gpu_memory(spec.gpu_memory) if spec.gpu_memory else visible_gpu_budgets()
     if gpus and not torch.cuda.is_available():
@@ -121,9 +119,22 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     cpu_budget = (
         parse_size(spec.cpu_memory) if spec.cpu_memory else int(psutil.virtual_memory().available * 0.8)
     )
-    context = spec.context_length or context_window(config, None)
-    plan = plan_device_map(config, spec.quantization, dtype, gpus, cpu_budget, context, spec.max_batch_size)
+    # A vision model's position limit is its language model's.
+    context = spec.context_length or context_window(config.get_text_config(), None)
+    plan = plan_device_map(
+        config, spec.quantization, dtype, gpus, cpu_budget, context, spec.max_batch_size, model_class
+    )
     notes.extend(plan.warnings)
+    return plan, dtype, notes
+
+
+def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> LoadedModel:
+    """Resolve, plan and load; raises hub.ModelUnavailable when the files cannot be had."""
+    report = progress or (lambda stage, fraction: None)
+    started = time.perf_counter()
+    path = model_files(spec, report)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    plan, dtype, notes = plan_placement(spec, config)
     report(f"Loading tokenizer from {path}", None)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     report(f"Loading weights ({spec.quantization}, {str(dtype).removeprefix('torch.')})", None)

@@ -16,6 +16,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny models run faster on one thread, and then do not fight parallel runs for the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def demo_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from backend.demo_models import demo_text_model_dir
@@ -36,3 +44,21 @@ def demo_model(demo_text_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(demo_text_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_vision_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cache root holding every demo vision model (tiny BLIP-2, InstructBLIP, LLaVA), built once."""
+    from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
+
+    root = tmp_path_factory.mktemp("vision-demo")
+    for name in DEMO_VISION_MODELS:
+        demo_vision_model_dir(name, cache_root=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_vision_dirs(demo_vision_cache: Path) -> dict[str, Path]:
+    from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
+
+    return {name: demo_vision_model_dir(name, cache_root=demo_vision_cache) for name in DEMO_VISION_MODELS}
