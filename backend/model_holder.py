@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from backend.demo_models import DEMO_TEXT_MODEL
 from backend.errors import ModelNotReady
@@ -26,11 +28,23 @@ class LoadStatus:
 
 
 class ModelHolder:
-    """Owns one loaded model; `get()` from any thread, `status()` for progress."""
+    """Owns one loaded model; `get()` from any thread, `status()` for progress.
 
-    def __init__(self, spec: ModelSpec, fallback_to_demo: bool = True):
+    `loader` turns a spec into a loaded model (text by default; the vision loader for images)
+    and `demo_name` names the built-in model that stands in when the spec cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        fallback_to_demo: bool = True,
+        loader: Callable[..., Any] = load_text_model,
+        demo_name: str = DEMO_TEXT_MODEL,
+    ):
         self.spec = spec
         self.fallback_to_demo = fallback_to_demo
+        self.loader = loader
+        self.demo_name = demo_name
         self._status = LoadStatus("loading", "Waiting to start")
         self._loaded: LoadedModel | None = None
         self._thread: threading.Thread | None = None
@@ -67,7 +81,7 @@ class ModelHolder:
     def load(self) -> LoadStatus:
         """Load synchronously (the background thread runs this); never raises."""
         try:
-            self._loaded = load_text_model(self.spec, self._progress)
+            self._loaded = self.loader(self.spec, self._progress)
             self._status = LoadStatus("ready", f"Ready: {self.spec.name}")
         except Exception as error:  # any failure: a missing model must not stop the app starting
             if isinstance(error, ModelUnavailable):
@@ -75,16 +89,16 @@ class ModelHolder:
             else:
                 log.exception("Could not load %s", self.spec.name)
             reason = f"Could not load {self.spec.name}: {error}"
-            if not self.fallback_to_demo or self.spec.name == DEMO_TEXT_MODEL:
+            if not self.fallback_to_demo or self.spec.name == self.demo_name:
                 self._status = LoadStatus("failed", reason)
                 return self._status
             self._load_demo(reason)
         return self._status
 
     def _load_demo(self, reason: str) -> None:
-        demo_spec = replace(self.spec, name=DEMO_TEXT_MODEL, quantization="none", gpu_memory=None)
+        demo_spec = replace(self.spec, name=self.demo_name, quantization="none", gpu_memory=None)
         try:
-            self._loaded = load_text_model(demo_spec, self._progress)
+            self._loaded = self.loader(demo_spec, self._progress)
             self._status = LoadStatus("ready", "Ready: built-in demo model", fallback_reason=reason)
         except Exception as error:
             log.exception("Could not build the demo model either")

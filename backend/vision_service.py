@@ -1,0 +1,92 @@
+"""Images for the UI and API: captions, and visual chat by either of two pipelines.
+
+- "vision": a LLaVA-style model answers about the image itself, multi-turn, image kept in context.
+- "caption": the vision model describes the image and the description enters the text model's
+  conversation as context, so the chat model (e.g. Vicuna) can talk about the picture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from backend.chat_service import ChatService
+from backend.errors import BadInput
+from backend.images import ImageLimits, load_image
+from backend.model_holder import ModelHolder
+from backend.prompting import Turn
+from backend.replies import Reply
+from backend.settings import GenerationSettings, ServerLimits
+from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream
+
+PIPELINES = ("auto", "vision", "caption")
+# Captions that feed the chat model are short and deterministic: the chat reply carries the sampling.
+CAPTION_SETTINGS = GenerationSettings(mode="greedy", max_new_tokens=60, repetition_penalty=1.1)
+
+
+def with_image_description(description: str, message: str) -> str:
+    """How a caption enters the text model's conversation."""
+    return f"[Image description: {description.strip()}]\n{message}"
+
+
+@dataclass(frozen=True)
+class VisualReply:
+    pipeline: str  # "vision" or "caption"
+    caption: str | None  # what the captioner said, for the "caption" pipeline
+    replies: Iterator[Reply]
+
+
+class VisionService:
+    def __init__(self, holder: ModelHolder, chat: ChatService, limits: ServerLimits, images: ImageLimits):
+        self.holder = holder
+        self.chat = chat
+        self.limits = limits
+        self.image_limits = images
+
+    def family(self) -> str:
+        return self.holder.get().family
+
+    def caption(self, image_source, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
+        """Caption the image, or answer `prompt` about it. Bad images and settings raise here."""
+        settings = settings.validated(self.limits)
+        if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
+            raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
+        image = load_image(image_source, self.image_limits)
+        return caption_stream(self.holder.get(), image, prompt.strip(), settings)
+
+    def choose_pipeline(self, requested: str) -> str:
+        if requested not in PIPELINES:
+            raise BadInput(f"Unknown image pipeline {requested!r}; choose one of {', '.join(PIPELINES)}.")
+        if requested != "auto":
+            return requested
+        return "vision" if self.family() in LLAVA_FAMILIES else "caption"
+
+    def visual_chat(
+        self,
+        message: str,
+        image_source,
+        history: list[Turn],
+        settings: GenerationSettings,
+        pipeline: str = "auto",
+    ) -> VisualReply:
+        """Answer `message` about the image (the newest one in the conversation)."""
+        chosen = self.choose_pipeline(pipeline)
+        settings = settings.validated(self.limits)
+        if not isinstance(message, str) or not message.strip():
+            raise BadInput("Message is empty: type something to send.")
+        if len(message) > self.limits.max_input_chars:
+            raise BadInput(
+                f"Message is {len(message):,} characters; the limit is {self.limits.max_input_chars:,}."
+            )
+        image = load_image(image_source, self.image_limits)
+        if chosen == "vision":
+            replies = chat_with_image_stream(self.holder.get(), image, history, message, settings)
+            return VisualReply("vision", None, replies)
+        caption_settings = replace(CAPTION_SETTINGS, seed=0)
+        description = ""
+        for reply in caption_stream(self.holder.get(), image, "", caption_settings):
+            description = reply.text
+        if not description.strip():
+            description = "(the captioning model returned no description)"
+        replies = self.chat.chat(with_image_description(description, message), history, settings)
+        return VisualReply("caption", description, replies)
