@@ -43,6 +43,8 @@ def hub_reachable(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_SE
 def resolve_model_dir(name: str, progress: Callable[[str, float | None], None] | None = None) -> Path:
     """A local directory holding the model's config, tokenizer and safetensors weights."""
     report = progress or (lambda stage, fraction: None)
+    if not name.strip():
+        raise ModelUnavailable("No model name given")  # Path("") is ".", the working directory
     local = Path(name).expanduser()
     if local.is_dir():
         return local

@@ -112,9 +112,10 @@ def parse_stop_words(text: str | list[str] | tuple[str, ...] | None) -> tuple[st
     for item in items:
         if not isinstance(item, str):
             raise InvalidSettings("stop_words", "stop words must be strings")
-        word = item.replace("\\n", "\n").replace("\\t", "\t")
-        if word.strip("\r") and word not in words:
-            words.append(word.rstrip("\r"))
+        # rstrip first: "USER:\r" from a CRLF line is the same stop word as "USER:".
+        word = item.rstrip("\r").replace("\\n", "\n").replace("\\t", "\t")
+        if word and word not in words:
+            words.append(word)
     return tuple(words)
 
 
