@@ -11,12 +11,17 @@ from backend.settings import ServerLimits
 
 GPU_DEFAULT = ("lmsys/vicuna-7b-v1.5", "4bit")
 CPU_DEFAULT = ("HuggingFaceTB/SmolLM2-360M-Instruct", "none")
+GPU_VISION_DEFAULT = ("Salesforce/blip2-opt-2.7b", "4bit")
+CPU_VISION_DEFAULT = ("llava-hf/llava-interleave-qwen-0.5b-hf", "none")
+NO_VISION = "none"
 
 
 @dataclass(frozen=True)
 class AppConfig:
     model: str
     quantization: str
+    vision_model: str | None  # None: no image features
+    vision_quantization: str
     dtype: str
     gpu_memory: str | None
     cpu_memory: str | None
@@ -28,6 +33,8 @@ class AppConfig:
     limits: ServerLimits
     demo_fallback: bool
     threads: int | None
+    max_image_pixels: int
+    max_upload_mb: int
 
 
 def default_model(has_gpu: bool) -> tuple[str, str]:
@@ -56,6 +63,32 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         choices=["none", "8bit", "4bit"],
         default=opt("QUANTIZATION"),
         help="bitsandbytes weight quantization (works on CPU too). Default: the preset's.",
+    )
+    add(
+        "--vision-model",
+        default=opt("VISION_MODEL"),
+        help="Captioning / visual chat model: BLIP-2, InstructBLIP or LLaVA (Hub id or local directory; "
+        "the family is read from its config); 'demo:tiny-llava' or 'demo:tiny-blip2' for the built-in "
+        f"demos; '{NO_VISION}' turns images off. Default: {GPU_VISION_DEFAULT[0]} 4-bit on GPU, "
+        f"{CPU_VISION_DEFAULT[0]} on CPU.",
+    )
+    add(
+        "--vision-quantization",
+        choices=["none", "8bit", "4bit"],
+        default=opt("VISION_QUANTIZATION"),
+        help="bitsandbytes quantization of the vision model. Default: the preset's.",
+    )
+    add(
+        "--max-image-pixels",
+        type=int,
+        default=int(opt("MAX_IMAGE_PIXELS", "50000000")),
+        help="Images with more pixels are refused before decoding (decompression bombs).",
+    )
+    add(
+        "--max-upload-mb",
+        type=int,
+        default=int(opt("MAX_UPLOAD_MB", "20")),
+        help="Largest upload accepted, in MiB (Gradio refuses larger files).",
     )
     add(
         "--dtype",
@@ -119,9 +152,16 @@ def parse_config(
     preset_model, preset_quantization = default_model(has_gpu)
     model = args.model or preset_model
     quantization = args.quantization or (preset_quantization if model == preset_model else "none")
+    preset_vision, preset_vision_quantization = GPU_VISION_DEFAULT if has_gpu else CPU_VISION_DEFAULT
+    vision = args.vision_model or preset_vision
+    vision_quantization = args.vision_quantization or (
+        preset_vision_quantization if vision == preset_vision else "none"
+    )
     return AppConfig(
         model=model,
         quantization=quantization,
+        vision_model=None if vision == NO_VISION else vision,
+        vision_quantization=vision_quantization,
         dtype=args.dtype,
         gpu_memory=args.gpu_memory,
         cpu_memory=args.cpu_memory,
@@ -133,4 +173,6 @@ def parse_config(
         limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),
         demo_fallback=not args.no_demo_fallback,
         threads=int(args.threads) if args.threads else None,
+        max_image_pixels=args.max_image_pixels,
+        max_upload_mb=args.max_upload_mb,
     )

@@ -31,6 +31,11 @@ class Prompt:
     template: str  # "chat_template", "vicuna_v1.1" or "raw"
 
 
+def with_image_description(description: str, message: str) -> str:
+    """How a caption enters the text model's conversation (the caption -> chat pipeline)."""
+    return f"[Image description: {description.strip()}]\n{message}"
+
+
 def context_window(model_config, tokenizer) -> int:
     """The model's position limit; a tokenizer's model_max_length is often a 1e30 placeholder."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -43,11 +48,10 @@ def context_window(model_config, tokenizer) -> int:
 
 def vicuna_prompt(system_prompt: str, history: list[Turn], message: str) -> str:
     """Vicuna v1.1: "SYSTEM USER: x ASSISTANT: y</s>USER: ..." (FastChat's conversation.py)."""
-    parts = [system_prompt.strip() or VICUNA_SYSTEM]
+    text = f"{system_prompt.strip() or VICUNA_SYSTEM} "
     for turn in history:
-        parts.append(f"USER: {turn.user} ASSISTANT: {turn.assistant}</s>")
-    parts.append(f"USER: {message} ASSISTANT:")
-    return " ".join(parts)
+        text += f"USER: {turn.user} ASSISTANT: {turn.assistant}</s>"  # no space after </s>, as in FastChat
+    return f"{text}USER: {message} ASSISTANT:"
 
 
 def chat_messages(system_prompt: str, history: list[Turn], message: str) -> list[dict[str, str]]:

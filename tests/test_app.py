@@ -15,16 +15,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(demo_text_dir):
-    config = parse_config(
-        ["--model", str(demo_text_dir), "--dtype", "float32", "--max-input-chars", "20000"],
-        has_gpu=False,
-        env={},
+def server(demo_text_dir, demo_vision_dirs):
+    arguments = ["--model", str(demo_text_dir), "--dtype", "float32", "--max-input-chars", "20000"]
+    arguments += ["--vision-model", str(demo_vision_dirs["demo:tiny-llava"]), "--max-upload-mb", "5"]
+    config = parse_config(arguments, has_gpu=False, env={})
+    demo, holders = create_app(config, load_in_background=False)
+    assert [holder.status().state for holder in holders] == ["ready", "ready"]
+    demo.launch(
+        server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, max_file_size="5mb"
     )
-    demo, holder = create_app(config, load_in_background=False)
-    assert holder.status().state == "ready"
-    demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-    yield demo, holder
+    yield demo, holders[0]
     demo.close()
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from backend.errors import UserError
+from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits
 from ui.handlers import api_stream
 
@@ -18,7 +18,7 @@ def settings_values(arguments: dict) -> dict:
     return {name: arguments[name] for name in GenerationSettings.field_names() if name in arguments}
 
 
-def register_api(service, limits: ServerLimits, concurrency: int) -> None:
+def register_api(service, vision, limits: ServerLimits, concurrency: int) -> None:
     """Call inside the Blocks context. Parameters mirror GenerationSettings (checked by a test)."""
 
     def chat(
@@ -75,7 +75,31 @@ def register_api(service, limits: ServerLimits, concurrency: int) -> None:
             raise gr.Error(str(error)) from None
 
     gr.api(next_tokens, api_name="next_tokens", concurrency_id="inspector")
-    for endpoint in (chat, complete):
+    def caption(
+        image: gr.FileData,
+        prompt: str = "",
+        seed: int = D.seed,
+        mode: str = D.mode,
+        temperature: float = D.temperature,
+        top_k: int = D.top_k,
+        top_p: float = D.top_p,
+        max_new_tokens: int = D.max_new_tokens,
+        repetition_penalty: float = D.repetition_penalty,
+        num_beams: int = D.num_beams,
+        stop_words: str = "",
+    ) -> Iterator[str]:
+        """Caption `image`, or answer `prompt` about it. Streams the caption so far."""
+        values = settings_values(locals())
+        path = image.get("path") if isinstance(image, dict) else image
+
+        def replies():
+            if vision is None:
+                raise BadInput("Images are turned off on this server (started with --vision-model none).")
+            return vision.caption(path, prompt, GenerationSettings.from_inputs(values, limits))
+
+        yield from api_stream(replies)
+
+    for endpoint in (chat, complete, caption):
         gr.api(
             endpoint, api_name=endpoint.__name__, concurrency_limit=concurrency, concurrency_id="generation"
         )

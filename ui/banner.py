@@ -1,22 +1,31 @@
-"""The status banner: loading progress, and a clear warning when the demo model answers."""
+"""The status banner: loading progress, and a clear warning when a demo model answers."""
 
 from __future__ import annotations
 
 DEMO_HELP = (
-    "Replies come from a **tiny demo model with random weights**, so they are gibberish. "
-    "To chat with a real model, start the app with `python app.py --model lmsys/vicuna-7b-v1.5` "
-    "(a Hub id, downloaded once) or `--model /path/to/model` (a local Hugging Face directory)."
+    "Replies come from **tiny demo models with random weights**, so they are gibberish. To use real "
+    "models, start the app with e.g. `python app.py --model lmsys/vicuna-7b-v1.5 --vision-model "
+    "Salesforce/blip2-opt-2.7b` (Hub ids, downloaded once) or `--model /path/to/model` (a local "
+    "Hugging Face directory)."
 )
 
 
-def banner_markdown(status, model_name: str, is_demo: bool) -> str:
-    """Markdown for the banner; empty when a real model is ready and there is nothing to say."""
-    if status.state == "loading":
-        progress = f" — {status.fraction:.0%}" if status.fraction is not None else ""
-        return f"⏳ **Loading the model…** {status.stage}{progress}. Messages can be sent once it is ready."
-    if status.state == "failed":
-        return f"❌ **No model could be loaded.** {status.stage}"
-    if is_demo:
-        reason = f"\n\n_{status.fallback_reason}._" if status.fallback_reason else ""
-        return f"⚠️ **Demo mode.** {DEMO_HELP}{reason}"
-    return f"✅ Model: `{model_name}`"
+def banner_markdown(models: list[tuple[str, object]]) -> str:
+    """Markdown for the banner from (role, ModelHolder) pairs, e.g. ("chat", holder)."""
+    lines, demo_roles, reasons = [], [], []
+    for role, holder in models:
+        status = holder.status()
+        if status.state == "loading":
+            progress = f" — {status.fraction:.0%}" if status.fraction is not None else ""
+            lines.append(f"⏳ **Loading the {role} model…** {status.stage}{progress}.")
+        elif status.state == "failed":
+            lines.append(f"❌ **The {role} model could not be loaded.** {status.stage}")
+        elif holder.is_demo:
+            demo_roles.append(role)
+            if status.fallback_reason:
+                reasons.append(f"_{status.fallback_reason}._")
+        else:
+            lines.append(f"✅ {role.capitalize()} model: `{holder.loaded_name}`")
+    if demo_roles:
+        lines.insert(0, f"⚠️ **Demo mode ({' and '.join(demo_roles)}).** {DEMO_HELP}")
+    return "\n\n".join(lines + reasons)

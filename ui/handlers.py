@@ -47,11 +47,22 @@ def chat_turn(
         settings = GenerationSettings.from_inputs(values, limits)
         replies = service.chat(message, history_to_turns(history), settings)
     except Exception as error:  # nothing started: keep the typed message so it can be fixed and resent
-        report(error)
-        yield message, history + [note(f"⚠️ {failure_message(error)}")], ""
+        yield refusal(message, history, error)
         return
     history = history + [{"role": "user", "content": shown(message.strip())}]
-    pending = note(f"⏳ {BEAM_NOTE}") if settings.mode == "beam" else {"role": "assistant", "content": ""}
+    yield from stream_reply(replies, history, settings.mode == "beam", colour)
+
+
+def refusal(message: str, history: list[dict], error: Exception) -> tuple[str, list[dict], str]:
+    report(error)
+    return message, history + [note(f"⚠️ {failure_message(error)}")], ""
+
+
+def stream_reply(
+    replies, history: list[dict], beam: bool, colour: bool, answered_by: str = ""
+) -> Iterator[tuple[str, list[dict], str]]:
+    """Show the reply growing after `history`; failures keep what came and add a note."""
+    pending = note(f"⏳ {BEAM_NOTE}") if beam else {"role": "assistant", "content": ""}
     yield "", history + [pending], ""
     reply = None
     try:
@@ -66,8 +77,9 @@ def chat_turn(
         return
     notes = [note(f"ℹ️ {reply.notice}")] if reply.notice else []
     answer = {"role": "assistant", "content": shown(reply.text)}
+    stats = reply.stats_line() + (f" · {answered_by}" if answered_by else "")
     view = tokens_html(reply.tokens, reply.text) if colour else ""
-    yield "", history + [answer, note(reply.stats_line())] + notes, view
+    yield "", history + [answer, note(stats)] + notes, view
 
 
 def last_user_index(history: list[dict], before: int) -> int | None:

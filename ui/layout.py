@@ -7,50 +7,72 @@ from pathlib import Path
 
 import gradio as gr
 
+from backend.images import describe_limits
 from backend.settings import ServerLimits
 from ui.api import register_api
 from ui.banner import banner_markdown
+from ui.caption_tab import build_caption_tab, wire_caption
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat
 from ui.handlers import chat_turn, complete_text, regenerate, undo
 from ui.inspector_tab import build_inspector_tab, wire_inspector
 from ui.system_tab import build_system_tab
+from ui.visual_chat import PIPELINE_CHOICES, needs_vision_model, visual_turn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CSS = (ASSETS / "style.css").read_text()
 EXAMPLE_PROMPTS = json.loads((ASSETS / "example_prompts.json").read_text())
 TITLE = "Chat & caption playground"
+EMPTY_BOX = {"text": "", "files": []}
 
 
-def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
-    """`service` is a backend.chat_service.ChatService (duck-typed: ui/ never imports torch)."""
+def build_ui(service, vision, limits: ServerLimits, concurrency: int) -> gr.Blocks:
+    """`service` is a backend ChatService and `vision` a VisionService, or None when images are off.
+
+    Duck-typed: ui/ never imports torch.
+    """
     holder = service.holder
+    models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])
 
-    def banner():
-        return banner_markdown(holder.status(), holder.loaded_name, holder.is_demo)
+    def loading() -> bool:
+        return any(h.status().state == "loading" for _, h in models)
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
-        banner_box = gr.Markdown(banner(), elem_id="banner")
+        banner_box = gr.Markdown(banner_markdown(models), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
                     chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=520, editable="user")
-                    message = gr.Textbox(
+                    message = gr.MultimodalTextbox(
                         elem_id="message",
-                        placeholder="Type a message and press Enter",
                         show_label=False,
                         lines=2,
                         max_lines=10,
+                        submit_btn=False,
+                        file_types=["image"],
+                        file_count="multiple",
+                        sources=["upload"],
+                        placeholder="Type a message and press Enter; attach an image to talk about it",
                     )
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")
                         stop = gr.Button("Stop", variant="stop", elem_id="stop")
                         clear = gr.Button("Clear", elem_id="clear")
-                    gr.Examples([[prompt] for prompt in EXAMPLE_PROMPTS], inputs=[message], label="Try")
-                    colour = gr.Checkbox(
-                        False, label="Colour the last reply by token probability", elem_id="colour"
+                    gr.Examples(
+                        [[{"text": p, "files": []}] for p in EXAMPLE_PROMPTS], inputs=[message], label="Try"
                     )
+                    with gr.Row():
+                        colour = gr.Checkbox(
+                            False, label="Colour the last reply by token probability", elem_id="colour"
+                        )
+                        pipeline = gr.Dropdown(
+                            PIPELINE_CHOICES,
+                            value="auto",
+                            label="Images go to",
+                            elem_id="pipeline",
+                            visible=vision is not None,
+                        )
                     token_view = gr.HTML(elem_id="token-view")
                     with gr.Row():
                         export_button = gr.Button("Export chat (JSON)", size="sm", elem_id="export")
@@ -67,6 +89,7 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_completion = gr.Button("Stop", variant="stop", elem_id="stop-completion")
+                caption_tab = build_caption_tab(describe_limits(vision.image_limits)) if vision else None
                 inspector = build_inspector_tab()
                 build_system_tab(demo, service)
             with gr.Column(scale=1, min_width=280), gr.Accordion("Generation settings", open=True):
@@ -83,8 +106,22 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
         def values_of(data) -> dict:
             return {name: data[component] for name, component in controls.items()}
 
+        def as_box(text: str, files: list[str]) -> dict:
+            """Back into the multimodal box: a refused message keeps its text and images."""
+            return {"text": text, "files": files if text else []}
+
         def on_chat(data):
-            yield from chat_turn(service, limits, data[message], data[chatbot], values_of(data), data[colour])
+            value = data[message] or {}
+            text, files = value.get("text") or "", list(value.get("files") or [])
+            history, values = data[chatbot], values_of(data)
+            if needs_vision_model(vision, history, files, data[pipeline]):
+                turns = visual_turn(
+                    vision, limits, text, files, history, values, data[pipeline], data[colour]
+                )
+            else:
+                turns = chat_turn(service, limits, text, history, values, data[colour])
+            for box, new_history, view in turns:
+                yield as_box(box, files), new_history, view
 
         def on_retry(data, event: gr.RetryData):
             yield from regenerate(service, limits, data[chatbot], event.index, values_of(data), data[colour])
@@ -101,7 +138,8 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
             )
 
         def on_undo(history, event: gr.UndoData):
-            return undo(history, event.index)
+            text, kept = undo(history, event.index)
+            return {"text": text, "files": []}, kept
 
         def on_complete(data):
             yield from complete_text(service, limits, data[text], values_of(data))
@@ -110,7 +148,7 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
             path = export_chat(data[chatbot], values_of(data), holder.loaded_name, limits)
             return gr.File(value=path, visible=True)
 
-        chat_inputs = {message, chatbot, colour} | control_inputs
+        chat_inputs = {message, chatbot, colour, pipeline} | control_inputs
         chat_outputs = [message, chatbot, token_view]
         chat_events = [
             message.submit(on_chat, chat_inputs, chat_outputs, **generation),
@@ -120,7 +158,7 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
         ]
         stop.click(None, None, None, cancels=chat_events)
         chatbot.undo(on_undo, chatbot, [message, chatbot], **private)
-        clear.click(lambda: ([], "", ""), None, [chatbot, message, token_view], **private)
+        clear.click(lambda: ([], EMPTY_BOX, ""), None, [chatbot, message, token_view], **private)
         export_button.click(on_export, chat_inputs, exported, **private)
         import_button.upload(
             lambda path: import_chat(path, limits, list(controls)),
@@ -133,13 +171,15 @@ def build_ui(service, limits: ServerLimits, concurrency: int) -> gr.Blocks:
         )
         stop_completion.click(None, None, None, cancels=[completion])
 
-        timer = gr.Timer(1.0, active=holder.status().state == "loading")
+        timer = gr.Timer(1.0, active=loading())
 
         def refresh_banner():
-            return banner(), gr.Timer(active=holder.status().state == "loading")
+            return banner_markdown(models), gr.Timer(active=loading())
 
         timer.tick(refresh_banner, None, [banner_box, timer], queue=False, **private)
         demo.load(refresh_banner, None, [banner_box, timer], queue=False, **private)
+        if caption_tab is not None:
+            wire_caption(vision, limits, caption_tab, controls, generation)
         wire_inspector(service, limits, inspector, controls, chatbot)
-        register_api(service, limits, concurrency)
+        register_api(service, vision, limits, concurrency)
     return demo

@@ -5,7 +5,9 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from backend.prompting import Turn
+from backend.prompting import Turn, with_image_description
+
+CAPTION_NOTE_ID = "image-caption"
 
 
 def text_of(content: Any) -> str:
@@ -30,7 +32,15 @@ def history_to_turns(history: list[dict]) -> list[Turn]:
     turns: list[Turn] = []
     pending_user: str | None = None
     for message in history or []:
-        if not isinstance(message, dict) or is_note(message):
+        if not isinstance(message, dict):
+            continue
+        if is_caption_note(message) and pending_user is not None:
+            # The caption -> chat pipeline: the description stays part of that turn for later replies.
+            pending_user = with_image_description(
+                html.unescape(text_of(message.get("content"))), pending_user
+            )
+            continue
+        if is_note(message):
             continue
         # The UI escapes what it shows (see ui.handlers.shown); the model gets the text as typed.
         role, text = message.get("role"), html.unescape(text_of(message.get("content")))
@@ -44,3 +54,34 @@ def history_to_turns(history: list[dict]) -> list[Turn]:
 
 def note(title: str, body: str = "") -> dict:
     return {"role": "assistant", "content": body, "metadata": {"title": title, "status": "done"}}
+
+
+def caption_note(title: str, caption: str) -> dict:
+    metadata = {"title": title, "status": "done", "id": CAPTION_NOTE_ID}
+    return {"role": "assistant", "content": caption, "metadata": metadata}
+
+
+def is_caption_note(message: dict) -> bool:
+    return (message.get("metadata") or {}).get("id") == CAPTION_NOTE_ID
+
+
+def image_paths(content: Any) -> list[str]:
+    """Paths of the images in one message's content, in the shapes Gradio uses."""
+    if isinstance(content, dict):
+        if content.get("type") == "file":
+            content = content.get("file") or {}
+        path = content.get("path")
+        return [path] if isinstance(path, str) and path else []
+    if isinstance(content, (list, tuple)):
+        return [path for part in content for path in image_paths(part)]
+    return []
+
+
+def latest_image(history: list[dict]) -> str | None:
+    """The newest image a user sent in this conversation, or None."""
+    for message in reversed(history or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            paths = image_paths(message.get("content"))
+            if paths:
+                return paths[-1]
+    return None

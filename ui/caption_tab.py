@@ -1,0 +1,96 @@
+"""The Caption tab: upload, paste or snap an image, optionally ask about it, get a caption."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from backend.errors import BadInput
+from backend.settings import GenerationSettings, ServerLimits
+from ui.handlers import BEAM_NOTE, failure_message, report
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLE_ROWS = [
+    [str(EXAMPLES / "house.png"), ""],
+    [str(EXAMPLES / "chessboard.png"), "What pattern is this?"],
+    [str(EXAMPLES / "smiley.jpg"), "Describe the face."],
+]
+
+
+@dataclass(frozen=True)
+class CaptionTab:
+    image: gr.Image
+    prompt: gr.Textbox
+    run: gr.Button
+    stop: gr.Button
+    output: gr.Textbox
+    stats: gr.Markdown
+
+
+def build_caption_tab(limits_text: str) -> CaptionTab:
+    """Call where the tab goes; `limits_text` says which images are accepted."""
+    with gr.Tab("Caption", id="caption"):
+        with gr.Row():
+            image = gr.Image(
+                type="filepath",
+                sources=["upload", "clipboard", "webcam"],
+                label="Image",
+                elem_id="caption-image",
+            )
+            with gr.Column():
+                prompt = gr.Textbox(
+                    label="Question (optional)",
+                    elem_id="caption-prompt",
+                    lines=2,
+                    placeholder="Empty for a caption, or ask e.g. 'What colour is the house?'",
+                )
+                output = gr.Textbox(label="Caption", elem_id="caption-output", lines=4, interactive=False)
+                stats = gr.Markdown(elem_id="caption-stats", elem_classes="stats")
+                with gr.Row():
+                    run = gr.Button("Caption", variant="primary", elem_id="caption-run")
+                    stop = gr.Button("Stop", variant="stop", elem_id="caption-stop")
+        gr.Markdown(f"{limits_text} Uses the generation settings on the right.", elem_classes="stats")
+        gr.Examples(EXAMPLE_ROWS, inputs=[image, prompt], label="Examples")
+    return CaptionTab(image, prompt, run, stop, output, stats)
+
+
+def caption_image(
+    vision, limits: ServerLimits, image: str | None, prompt: str, values: dict[str, Any]
+) -> Iterator[tuple[str, str]]:
+    """Yield (caption so far, stats line)."""
+    try:
+        if vision is None:
+            raise BadInput("Images are turned off on this server (started with --vision-model none).")
+        if not image:
+            raise BadInput("No image: upload, paste or take one first.")
+        settings = GenerationSettings.from_inputs(values, limits)
+        replies = vision.caption(image, prompt or "", settings)
+    except Exception as error:
+        report(error)
+        yield "", f"⚠️ {failure_message(error)}"
+        return
+    yield "", "⏳ " + (BEAM_NOTE if settings.mode == "beam" else "Looking…")
+    reply = None
+    try:
+        for reply in replies:
+            yield reply.text, "⏳ " + reply.stats_line()
+    except Exception as error:
+        report(error)
+        yield (reply.text if reply else ""), f"⚠️ {failure_message(error)}"
+        return
+    if reply is not None:
+        yield reply.text, f"{reply.stats_line()} · {vision.holder.loaded_name}"
+
+
+def wire_caption(vision, limits: ServerLimits, tab: CaptionTab, controls: dict, generation: dict) -> None:
+    def on_caption(data):
+        values = {name: data[component] for name, component in controls.items()}
+        yield from caption_image(vision, limits, data[tab.image], data[tab.prompt], values)
+
+    inputs = {tab.image, tab.prompt} | set(controls.values())
+    event = tab.run.click(on_caption, inputs, [tab.output, tab.stats], **generation)
+    tab.stop.click(None, None, None, cancels=[event])
