@@ -14,7 +14,7 @@ from backend.chat_service import ChatService
 from backend.errors import BadInput
 from backend.images import ImageLimits, load_image
 from backend.model_holder import ModelHolder
-from backend.prompting import Turn
+from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
 from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream
@@ -22,11 +22,6 @@ from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_strea
 PIPELINES = ("auto", "vision", "caption")
 # Captions that feed the chat model are short and deterministic: the chat reply carries the sampling.
 CAPTION_SETTINGS = GenerationSettings(mode="greedy", max_new_tokens=60, repetition_penalty=1.1)
-
-
-def with_image_description(description: str, message: str) -> str:
-    """How a caption enters the text model's conversation."""
-    return f"[Image description: {description.strip()}]\n{message}"
 
 
 @dataclass(frozen=True)
