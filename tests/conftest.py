@@ -62,3 +62,15 @@ def demo_vision_dirs(demo_vision_cache: Path) -> dict[str, Path]:
     from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
 
     return {name: demo_vision_model_dir(name, cache_root=demo_vision_cache) for name in DEMO_VISION_MODELS}
+
+
+@pytest.fixture(scope="session")
+def image_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """{"good": {name: path}, "bad": {name: (path, expected words)}}, every kind the image issue names."""
+    from tests.image_zoo import bad_images, good_images, write_all
+
+    folder = tmp_path_factory.mktemp("image-zoo")
+    good = write_all(folder, good_images())
+    bad_data = bad_images()
+    bad_paths = write_all(folder, {name: data for name, (data, _) in bad_data.items()})
+    return {"good": good, "bad": {name: (bad_paths[name], words) for name, (_, words) in bad_data.items()}}

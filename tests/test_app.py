@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 
 from app import create_app
 from backend.app_config import parse_config
@@ -40,7 +40,7 @@ def chat(client, **kwargs) -> str:
 
 def test_named_endpoints_are_exposed(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/complete", "/next_tokens"} <= set(endpoints)
+    assert {"/chat", "/complete", "/next_tokens", "/caption"} <= set(endpoints)
     chat_params = {p["parameter_name"] for p in endpoints["/chat"]["parameters"]}
     assert chat_params == {
         "message",
@@ -200,3 +200,34 @@ def test_next_tokens_api(client):
     assert set(result) == {"tokens", "entropy_raw", "entropy_final"}
     with pytest.raises(Exception, match="'top_p'"):
         client.predict(text="x", top_p=0, api_name="/next_tokens")
+
+
+def caption(client, path, **kwargs) -> str:
+    return client.predict(image=handle_file(str(path)), api_name="/caption", **kwargs)
+
+
+def test_caption_api_is_reproducible_and_answers_prompts(client, image_zoo):
+    path = image_zoo["good"]["picture.webp"]
+    first = caption(client, path, seed=11, max_new_tokens=8)
+    assert first and first == caption(client, path, seed=11, max_new_tokens=8)
+    assert caption(client, path, prompt="What colour is it?", mode="greedy", max_new_tokens=8)
+
+
+def test_caption_api_handles_every_good_upload(client, image_zoo):
+    for name, path in image_zoo["good"].items():
+        assert caption(client, path, max_new_tokens=3), name
+
+
+def test_caption_api_refuses_every_bad_upload_clearly(client, image_zoo):
+    for path, words in image_zoo["bad"].values():
+        with pytest.raises(Exception, match=words):
+            caption(client, path, max_new_tokens=3)
+    assert chat(client, message="still there?", max_new_tokens=3)
+
+
+def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(6 * 2**20))
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
+        caption(client, big, max_new_tokens=3)
+    assert chat(client, message="still there?", max_new_tokens=3)

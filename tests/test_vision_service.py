@@ -1,0 +1,99 @@
+"""Images end to end below the UI: every upload kind, both visual-chat pipelines, the chat handler."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.chat_service import ChatService
+from backend.errors import BadImage, BadInput
+from backend.images import ImageLimits
+from backend.loading import ModelSpec
+from backend.model_holder import ModelHolder
+from backend.settings import GenerationSettings, ServerLimits
+from backend.vision import load_vision_model
+from backend.vision_service import VisionService
+from ui.messages import history_to_turns, image_paths, is_caption_note
+from ui.visual_chat import needs_vision_model, visual_turn
+
+LIMITS = ServerLimits(max_new_tokens=64)
+QUICK = GenerationSettings(seed=3, max_new_tokens=6)
+
+
+def make_service(text_dir, vision_dir) -> VisionService:
+    text = ModelHolder(ModelSpec(str(text_dir), dtype="float32"), fallback_to_demo=False)
+    vision = ModelHolder(ModelSpec(str(vision_dir), dtype="float32"), False, loader=load_vision_model)
+    assert text.load().state == "ready" and vision.load().state == "ready"
+    return VisionService(vision, ChatService(text, LIMITS), LIMITS, ImageLimits())
+
+
+@pytest.fixture(scope="module")
+def llava(demo_text_dir, demo_vision_dirs):
+    return make_service(demo_text_dir, demo_vision_dirs["demo:tiny-llava"])
+
+
+@pytest.fixture(scope="module")
+def blip2(demo_text_dir, demo_vision_dirs):
+    return make_service(demo_text_dir, demo_vision_dirs["demo:tiny-blip2"])
+
+
+def test_every_good_upload_gets_a_caption(llava, image_zoo):
+    for name, path in image_zoo["good"].items():
+        replies = list(llava.caption(str(path), "", QUICK))
+        assert replies[-1].done and replies[-1].new_tokens > 0, name
+
+
+def test_every_bad_upload_gets_a_clear_refusal(llava, image_zoo):
+    for path, words in image_zoo["bad"].values():
+        with pytest.raises(BadImage, match=words):
+            llava.caption(str(path), "", QUICK)
+    assert list(llava.caption(str(image_zoo["good"]["picture.bmp"]), "", QUICK))  # still serving
+
+
+def test_caption_is_reproducible_and_depends_on_the_image(blip2, image_zoo):
+    house, gray = str(image_zoo["good"]["picture.webp"]), str(image_zoo["good"]["grayscale.png"])
+    greedy = GenerationSettings(mode="greedy", max_new_tokens=12)
+    first = list(blip2.caption(house, "", greedy))[-1].text
+    assert first == list(blip2.caption(house, "", greedy))[-1].text
+    assert first != list(blip2.caption(gray, "", greedy))[-1].text
+
+
+def test_auto_pipeline_follows_the_model_family(llava, blip2):
+    assert llava.choose_pipeline("auto") == "vision"
+    assert blip2.choose_pipeline("auto") == "caption"
+    with pytest.raises(BadInput, match="Unknown image pipeline"):
+        llava.choose_pipeline("telepathy")
+
+
+def test_caption_pipeline_puts_the_description_into_the_chat(blip2, image_zoo):
+    path = str(image_zoo["good"]["picture.webp"])
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    updates = list(visual_turn(blip2, LIMITS, "What is it?", [path], [], values, "auto"))
+    _, history, _ = updates[-1]
+    assert image_paths(history[0]["content"]) == [path]
+    caption = next(m for m in history if is_caption_note(m))
+    assert "image captioned for the chat model" in history[-1]["metadata"]["title"]
+    turns = history_to_turns(history)
+    assert turns[0].user.startswith("[Image description: ") and turns[0].user.endswith("What is it?")
+    assert caption["content"].strip() in turns[0].user
+    # A follow-up without an image goes to the text model, with the description still in context.
+    assert not needs_vision_model(blip2, history, [], "auto")
+
+
+def test_vision_pipeline_keeps_the_image_for_later_turns(llava, image_zoo):
+    path = str(image_zoo["good"]["picture.bmp"])
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    _, history, _ = list(visual_turn(llava, LIMITS, "What is it?", [path], [], values, "auto"))[-1]
+    assert "answered by the vision model" in history[-1]["metadata"]["title"]
+    assert needs_vision_model(llava, history, [], "auto")
+    _, later, _ = list(visual_turn(llava, LIMITS, "And now?", [], history, values, "auto"))[-1]
+    assert len(history_to_turns(later)) == 2
+
+
+def test_visual_turn_refusals_keep_the_conversation(llava, image_zoo):
+    path, _ = image_zoo["bad"]["bomb.png"]
+    before = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    box, history, _ = list(visual_turn(llava, LIMITS, "look", [str(path)], list(before), values, "auto"))[-1]
+    assert box == "look" and history[:2] == before and "megapixels" in history[-1]["metadata"]["title"]
+    box, history, _ = list(visual_turn(None, LIMITS, "look", [str(path)], list(before), values, "auto"))[-1]
+    assert "Images are turned off" in history[-1]["metadata"]["title"]
