@@ -84,6 +84,75 @@ def _forward(model, input_ids: torch.Tensor, past_key_values):
     return model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
 
 
+class RequestState:
+    """One request's decoding state: its warpers, RNG, stop words and text so far.
+
+    `step(logits_row)` picks the next token from that request's own row of logits and says what
+    the user sees now, so a batch of requests can share forward passes but nothing else.
+    """
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], settings: GenerationSettings):
+        if settings.seed < 0:
+            raise ValueError("generation needs a concrete seed; call settings.with_seed() first")
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.started = time.perf_counter()
+        self.processors = build_logits_processor(settings)
+        self.matcher = StopWordMatcher(settings.stop_words)
+        self.decoder = ContinuationDecoder(tokenizer, prompt_ids)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = len(tokenizer)
+        self.history = list(prompt_ids)  # what the repetition penalty looks at
+        self.generator: torch.Generator | None = None
+        self.generated: list[int] = []
+        self.shown = self.previous_text = ""
+        self.first_token_seconds: float | None = None
+        self.finished = False
+
+    def step(self, logits: torch.Tensor) -> GenerationUpdate:
+        """`logits` is this request's next-token row, shape [vocab]."""
+        scores = logits[None, :].float()
+        if self.generator is None:
+            self.generator = make_generator(self.settings.seed, scores.device)
+        history = torch.tensor([self.history], dtype=torch.long, device=scores.device)
+        scores = self.processors(history, mask_unknown_tokens(scores, self.vocab_size))
+        next_id = int(choose_next_token(scores, self.settings, self.generator)[0])
+        now = time.perf_counter() - self.started
+        if self.first_token_seconds is None:
+            self.first_token_seconds = now
+        if next_id in self.eos_ids:
+            return self._update(now, "eos")
+        self.generated.append(next_id)
+        self.history.append(next_id)
+        last = len(self.generated) >= self.settings.max_new_tokens
+        full_text = self.decoder.decode(self.generated)
+        token = describe_choice(self.tokenizer, scores[0], next_id, full_text[len(self.previous_text) :])
+        self.previous_text = full_text
+        cut = self.matcher.feed(full_text, final=last)
+        # Never take back what was shown, even if a tokenizer re-decodes earlier text differently.
+        if cut.visible.startswith(self.shown):
+            self.shown = cut.visible
+        if cut.stopped or last:
+            return self._update(now, "stop_word" if cut.stopped else "length", token)
+        return self._update(now, None, token)
+
+    @property
+    def last_token(self) -> int:
+        return self.history[-1]
+
+    def _update(self, now: float, finish_reason: str | None, token: TokenChoice | None = None):
+        self.finished = finish_reason is not None
+        return GenerationUpdate(
+            self.shown,
+            len(self.generated),
+            self.finished,
+            finish_reason,
+            now,
+            self.first_token_seconds,
+            token,
+        )
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -97,48 +166,19 @@ def stream_generate(
     `prefill` replaces the first forward pass (a vision model merges image features there) and
     `decode_model` takes the later single-token steps; both default to `model` on `prompt_ids`.
     """
-    if settings.seed < 0:
-        raise ValueError("stream_generate needs a concrete seed; call settings.with_seed() first")
-    started = time.perf_counter()
-    processors = build_logits_processor(settings)
-    matcher = StopWordMatcher(settings.stop_words)
-    decoder = ContinuationDecoder(tokenizer, prompt_ids)
-    eos_ids = eos_token_ids(model, tokenizer)
-    vocab_size = len(tokenizer)
-    all_ids = torch.tensor([prompt_ids], dtype=torch.long, device=input_device(model))
-    generator = None
-    generated: list[int] = []
-    shown = previous_text = ""
-    first_token_seconds = None
-    outputs = prefill() if prefill is not None else _forward(model, all_ids, None)
+    state = RequestState(model, tokenizer, prompt_ids, settings)
+    device = input_device(model)
+    if prefill is not None:
+        outputs = prefill()
+    else:
+        outputs = _forward(model, torch.tensor([prompt_ids], dtype=torch.long, device=device), None)
     decode_model = decode_model if decode_model is not None else model
-    for step in range(settings.max_new_tokens):
-        scores = outputs.logits[:, -1, :].float()
-        if generator is None:
-            generator = make_generator(settings.seed, scores.device)
-        scores = processors(all_ids.to(scores.device), mask_unknown_tokens(scores, vocab_size))
-        next_id = int(choose_next_token(scores, settings, generator)[0])
-        now = time.perf_counter() - started
-        first_token_seconds = first_token_seconds if first_token_seconds is not None else now
-        if next_id in eos_ids:
-            yield GenerationUpdate(shown, len(generated), True, "eos", now, first_token_seconds)
+    while True:
+        update = state.step(outputs.logits[0, -1, :])
+        yield update
+        if update.finished:
             return
-        generated.append(next_id)
-        last = step == settings.max_new_tokens - 1
-        full_text = decoder.decode(generated)
-        token = describe_choice(tokenizer, scores[0], next_id, full_text[len(previous_text) :])
-        previous_text = full_text
-        cut = matcher.feed(full_text, final=last)
-        # Never take back what was shown, even if a tokenizer re-decodes earlier text differently.
-        if cut.visible.startswith(shown):
-            shown = cut.visible
-        if cut.stopped or last:
-            reason = "stop_word" if cut.stopped else "length"
-            yield GenerationUpdate(shown, len(generated), True, reason, now, first_token_seconds, token)
-            return
-        yield GenerationUpdate(shown, len(generated), False, None, now, first_token_seconds, token)
-        next_tensor = torch.tensor([[next_id]], dtype=torch.long, device=all_ids.device)
-        all_ids = torch.cat([all_ids, next_tensor], dim=-1)
+        next_tensor = torch.tensor([[state.last_token]], dtype=torch.long, device=device)
         outputs = _forward(decode_model, next_tensor, outputs.past_key_values)
 
 
