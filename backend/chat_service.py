@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 
+from backend.engine import Engine, EngineLimits
 from backend.engine_stats import EngineStats
 from backend.errors import BadInput, ContextOverflow
-from backend.generation import GenerationUpdate, generate_beam, stream_generate
+from backend.generation import GenerationUpdate
 from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
@@ -29,9 +31,12 @@ def prompt_budget(context_window: int, max_new_tokens: int) -> int:
 
 
 class ChatService:
-    def __init__(self, holder: ModelHolder, limits: ServerLimits):
+    def __init__(self, holder: ModelHolder, limits: ServerLimits, engine_limits: EngineLimits | None = None):
         self.holder = holder
         self.limits = limits
+        self.engine_limits = engine_limits or EngineLimits()
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         self._inspector: Inspector | None = None
         self.stats = EngineStats()
 
@@ -71,13 +76,19 @@ class ChatService:
         if prompt.dropped_turns:
             turns = "turn was" if prompt.dropped_turns == 1 else "turns were"
             notice = f"The {prompt.dropped_turns} oldest {turns} left out to fit the model's context window."
-        if settings.mode == "beam":
-            updates: Iterator[GenerationUpdate] = iter(
-                [generate_beam(loaded.model, loaded.tokenizer, prompt.ids, settings)]
-            )
-        else:
-            updates = stream_generate(loaded.model, loaded.tokenizer, prompt.ids, settings)
-        yield from self._counted(self._replies(updates, settings, notice, strip_leading_space))
+        engine = self.engine(loaded)
+        submit = engine.submit_beam if settings.mode == "beam" else engine.submit
+        handle = submit(prompt.ids, settings)  # queued now: a full queue refuses before anything is shown
+        return self._counted(self._replies(iter(handle), settings, notice, strip_leading_space))
+
+    def engine(self, loaded) -> Engine:
+        """The engine for the loaded model; a model switch gets a fresh one."""
+        with self._engine_lock:
+            if self._engine is None or self._engine.model is not loaded.model:
+                if self._engine is not None:
+                    self._engine.close()
+                self._engine = Engine(loaded.model, loaded.tokenizer, self.engine_limits)
+            return self._engine
 
     def _counted(self, replies: Iterator[Reply]) -> Iterator[Reply]:
         """Feed the live stats; a closed stream (Stop, disconnect) counts as cancelled."""
@@ -104,6 +115,11 @@ class ChatService:
     ) -> Iterator[Reply]:
         tokens = []
         for update in updates:
+            if update.queue_position is not None:
+                yield Reply(
+                    "", False, 0, 0.0, settings.seed, settings.mode, queue_position=update.queue_position
+                )
+                continue
             if update.token is not None:
                 tokens.append(update.token)
             text = update.text.lstrip() if strip_leading_space else update.text

@@ -27,3 +27,7 @@ class ModelNotReady(UserError):
 
 class BadImage(UserError):
     """An uploaded image that cannot or must not be decoded; the message says which."""
+
+
+class ServerBusy(UserError):
+    """The queue is full; try again shortly."""

@@ -44,6 +44,7 @@ class GenerationUpdate:
     seconds: float = 0.0
     first_token_seconds: float | None = None
     token: TokenChoice | None = None  # the token this update added (None for beams)
+    queue_position: int | None = None  # set while the request waits for a place in the batch
 
     @property
     def tokens_per_second(self) -> float:

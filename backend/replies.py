@@ -17,6 +17,7 @@ class Reply:
     notice: str | None = None  # e.g. that old turns were left out to fit the context window
     first_token_seconds: float | None = None
     tokens: tuple = ()  # backend.generation.TokenChoice per generated token, on the final reply only
+    queue_position: int | None = None  # while waiting: 1 = next to start
 
     @property
     def tokens_per_second(self) -> float:
