@@ -17,6 +17,7 @@ import torch
 
 from backend.app_config import AppConfig, parse_config
 from backend.chat_service import ChatService
+from backend.engine import EngineLimits
 from backend.images import ImageLimits
 from backend.loading import ModelSpec
 from backend.model_holder import ModelHolder
@@ -36,7 +37,7 @@ def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
         gpu_memory=config.gpu_memory,
         cpu_memory=config.cpu_memory,
         context_length=config.context_length,
-        max_batch_size=config.concurrency,
+        max_batch_size=config.max_batch_size,
     )
 
 
@@ -63,7 +64,7 @@ def create_app(config: AppConfig, load_in_background: bool = True):
         threading.Thread(target=load_all, args=(holders,), name="model-loader", daemon=True).start()
     else:
         load_all(holders)
-    chat = ChatService(text, config.limits)
+    chat = ChatService(text, config.limits, EngineLimits(config.max_batch_size, config.max_waiting))
     image_limits = ImageLimits(max_bytes=config.max_upload_mb * 2**20, max_pixels=config.max_image_pixels)
     images = VisionService(vision, chat, config.limits, image_limits) if vision else None
     demo = build_ui(chat, images, config.limits, config.concurrency)

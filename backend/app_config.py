@@ -28,8 +28,10 @@ class AppConfig:
     context_length: int | None
     host: str
     port: int
-    concurrency: int
+    concurrency: int  # Gradio events running at once: the engine's batch plus its waiting line
     queue_size: int
+    max_batch_size: int
+    max_waiting: int
     limits: ServerLimits
     demo_fallback: bool
     threads: int | None
@@ -111,16 +113,22 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--host", default=opt("HOST", "127.0.0.1"), help="Address to listen on (0.0.0.0 for all).")
     add("--port", type=int, default=int(opt("PORT", env.get("GRADIO_SERVER_PORT", "7860"))), help="Port.")
     add(
-        "--concurrency",
+        "--max-batch-size",
         type=int,
-        default=int(opt("CONCURRENCY", "4")),
-        help="Generations running at once; more wait in the queue.",
+        default=int(opt("MAX_BATCH_SIZE", "8")),
+        help="Replies decoded together in one batch by the engine (KV-cache room is planned for it).",
+    )
+    add(
+        "--max-waiting",
+        type=int,
+        default=int(opt("MAX_WAITING", "16")),
+        help="Requests waiting for a place in the batch; beyond it API callers are told the server is busy.",
     )
     add(
         "--queue-size",
         type=int,
         default=int(opt("QUEUE_SIZE", "64")),
-        help="Requests that may wait; beyond it users are told the server is busy.",
+        help="Browser requests Gradio's queue holds beyond those; more are told the queue is full.",
     )
     add(
         "--max-new-tokens-limit",
@@ -168,7 +176,9 @@ def parse_config(
         context_length=int(args.context_length) if args.context_length else None,
         host=args.host,
         port=args.port,
-        concurrency=args.concurrency,
+        concurrency=args.max_batch_size + args.max_waiting,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
         queue_size=args.queue_size,
         limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),
         demo_fallback=not args.no_demo_fallback,

@@ -67,6 +67,13 @@ def stream_reply(
     reply = None
     try:
         for reply in replies:
+            if reply.queue_position:
+                yield (
+                    "",
+                    history + [note(f"⏳ Waiting for a free slot: number {reply.queue_position} in line")],
+                    "",
+                )
+                continue
             yield "", history + [{"role": "assistant", "content": shown(reply.text)}], ""
     except Exception as error:
         report(error)
@@ -123,6 +130,9 @@ def complete_text(
     reply = None
     try:
         for reply in replies:
+            if reply.queue_position:
+                yield text, f"⏳ Waiting for a free slot: number {reply.queue_position} in line"
+                continue
             yield text + reply.text, "⏳ " + reply.stats_line()
     except Exception as error:
         report(error)
@@ -147,6 +157,8 @@ def api_stream(replies_factory) -> Iterator[str]:
         replies = replies_factory()
         text = ""
         for reply in replies:
+            if reply.queue_position:
+                continue  # API callers get text only; Gradio's own queue reports positions
             text = reply.text
             yield text
     except UserError as error:
