@@ -186,8 +186,8 @@ class Engine:
                 while self._waiting and len(self._rows) + len(admitted) < self.limits.max_batch_size:
                     admitted.append(self._waiting.popleft())
             try:
-                for pending in admitted:
-                    self._admit(pending)
+                if admitted:
+                    self._admit(admitted)
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
@@ -201,36 +201,68 @@ class Engine:
             row.handle._put(_DONE)
 
     @torch.inference_mode()
-    def _admit(self, pending: _Pending) -> None:
-        """Prefill one request alone, emit its first token, and join it to the batch."""
-        if pending.handle.cancelled.is_set():
-            pending.handle._put(_DONE)
+    def _admit(self, admitted: list[_Pending]) -> None:
+        """Prefill the newcomers together (left-padded), emit their first tokens, join the batch."""
+        group: list[tuple[_Pending, RequestState]] = []
+        for pending in admitted:
+            if pending.handle.cancelled.is_set():
+                pending.handle._put(_DONE)
+                continue
+            pending.handle.started.set()
+            try:
+                state = RequestState(self.model, self.tokenizer, pending.prompt_ids, pending.settings)
+            except Exception as error:
+                pending.handle._put(error)
+                continue
+            group.append((pending, state))
+        if not group:
             return
-        pending.handle.started.set()
+        width = max(len(pending.prompt_ids) for pending, _ in group)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        padded = [[pad] * (width - len(p.prompt_ids)) + p.prompt_ids for p, _ in group]
+        ids = torch.tensor(padded, dtype=torch.long, device=self._device)
+        mask = torch.tensor(
+            [[0] * (width - len(p.prompt_ids)) + [1] * len(p.prompt_ids) for p, _ in group],
+            device=self._device,
+        )
         try:
-            state = RequestState(self.model, self.tokenizer, pending.prompt_ids, pending.settings)
-            ids = torch.tensor([pending.prompt_ids], dtype=torch.long, device=self._device)
-            outputs = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            update = state.step(outputs.logits[0, -1, :])
-        except Exception as error:  # e.g. a prompt the model cannot take: only this request fails
+            outputs = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as error:  # e.g. a prompt the model cannot take: only the newcomers fail
             log.exception("Prefill failed")
-            pending.handle._put(error)
+            for pending, _ in group:
+                pending.handle._put(error)
             return
-        pending.handle._put(update)
-        if update.finished:
-            return
-        self._join(_Row(pending.handle, state, len(pending.prompt_ids)), outputs.past_key_values)
+        rows = [_Row(pending.handle, state, len(pending.prompt_ids)) for pending, state in group]
+        self._emit(rows, outputs.logits[:, -1, :])
+        self._join(rows, outputs.past_key_values, mask)
 
-    def _join(self, row: _Row, cache: DynamicCache) -> None:
-        """Left-pad the shorter of (batch, newcomer) so both end at the same position, then stack."""
-        mask = torch.ones((1, row.length), dtype=torch.long, device=self._device)
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Left-pad the shorter of (batch, newcomers) so both end at the same position, then stack."""
         if self._cache is None:
-            self._rows, self._cache, self._mask = [row], cache, mask
+            self._rows, self._cache, self._mask = rows, cache, mask
             return
-        width = max(self._mask.shape[1], row.length)
+        width = max(self._mask.shape[1], mask.shape[1])
         self._cache = _stack_caches(_pad_cache(self._cache, width), _pad_cache(cache, width))
         self._mask = torch.cat([_pad_mask(self._mask, width), _pad_mask(mask, width)], dim=0)
-        self._rows.append(row)
+        self._rows.extend(rows)
+
+    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each live row's next token; warpers run once per group of rows with equal settings."""
+        groups: dict[object, list[int]] = {}
+        for index, row in enumerate(rows):
+            if not row.handle.cancelled.is_set():
+                key = row.state.warper_key
+                groups.setdefault(key if key is not None else ("own", index), []).append(index)
+        for indices in groups.values():
+            scores = rows[indices[0]].state.process(logits[indices])
+            for position, index in enumerate(indices):
+                rows[index].handle._put(rows[index].state.advance(scores[position]))
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -247,12 +279,9 @@ class Engine:
             use_cache=True,
         )
         self._cache = outputs.past_key_values
-        logits = outputs.logits[:, -1, :]
-        for index, row in enumerate(self._rows):
+        for row in self._rows:
             row.length += 1
-            if row.handle.cancelled.is_set():
-                continue
-            row.handle._put(row.state.step(logits[index]))
+        self._emit(self._rows, outputs.logits[:, -1, :])
 
     def _drop_finished(self) -> None:
         """Rows that finished or were cancelled leave; their cache rows and common padding go."""

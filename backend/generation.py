@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from backend.sampling import build_logits_processor, choose_next_token, make_generator, mask_unknown_tokens
+from backend.sampling import (
+    build_logits_processor,
+    choose_next_token,
+    is_greedy,
+    make_generator,
+    mask_unknown_tokens,
+)
 from backend.settings import GenerationSettings
 from backend.stopping import StopWordMatcher, safe_decode
 
@@ -112,11 +118,35 @@ class RequestState:
 
     def step(self, logits: torch.Tensor) -> GenerationUpdate:
         """`logits` is this request's next-token row, shape [vocab]."""
-        scores = logits[None, :].float()
+        return self.advance(self.process(logits[None, :])[0])
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply this request's warpers to `logits` rows [n, vocab].
+
+        n > 1 only for rows whose requests share `warper_key`: their warpers are the same function.
+        """
+        scores = mask_unknown_tokens(logits.float(), self.vocab_size)
+        history = torch.tensor([self.history] * scores.shape[0], dtype=torch.long, device=scores.device)
+        return self.processors(history, scores)
+
+    @property
+    def warper_key(self) -> tuple | None:
+        """Requests with equal keys can have their warpers applied to a stack of rows at once.
+
+        None when the warpers depend on the request's own tokens (repetition penalty).
+        """
+        settings = self.settings
+        if settings.repetition_penalty != 1.0:
+            return None
+        if is_greedy(settings):
+            return ("greedy",)
+        return ("sample", settings.temperature, settings.top_k, settings.top_p)
+
+    def advance(self, scores: torch.Tensor) -> GenerationUpdate:
+        """Draw the next token from processed `scores` [vocab] with this request's own RNG."""
+        scores = scores[None, :]
         if self.generator is None:
             self.generator = make_generator(self.settings.seed, scores.device)
-        history = torch.tensor([self.history], dtype=torch.long, device=scores.device)
-        scores = self.processors(history, mask_unknown_tokens(scores, self.vocab_size))
         next_id = int(choose_next_token(scores, self.settings, self.generator)[0])
         now = time.perf_counter() - self.started
         if self.first_token_seconds is None:

@@ -1,0 +1,382 @@
+"""Serving benchmark: the anchors' serialised streaming vs one static batch vs our batching engine.
+
+    .venv/bin/python benchmarks/serving.py            # full run, writes benchmarks/results/serving.*
+    .venv/bin/python benchmarks/serving.py --quick    # fewer users and tokens, a smoke test
+
+Random weights of SmolLM2-135M's shape (optionally Llama-3.2-1B's: --shape llama-1b); prompts are
+random token ids, so only speed is measured. Everything runs side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend.demo_models import demo_text_model_dir  # noqa: E402
+from backend.engine import Engine, EngineLimits  # noqa: E402
+from backend.settings import GenerationSettings  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+}
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0)
+
+
+@dataclass
+class Run:
+    """Timings of one scenario: every user's submit time, first-token time and token times."""
+
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "seconds": round(self.wall, 3),
+            "tok_per_s": round(self.tokens / self.wall, 2) if self.wall else 0.0,
+            "ttft_p50_ms": pct(self.ttft, 50),
+            "ttft_p95_ms": pct(self.ttft, 95),
+            "itl_p50_ms": pct(self.itl, 50),
+            "itl_p95_ms": pct(self.itl, 95),
+        }
+
+
+def pct(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] * 1000, 1)
+
+
+def build_model(shape: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        **SHAPES[shape], max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=3
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None  # random weights: every run makes all its tokens
+    return model.to(dtype).eval()
+
+
+def prompts(users: int, length: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(users)
+    return [[0] + torch.randint(4, vocab, (length - 1,), generator=generator).tolist() for _ in range(users)]
+
+
+def in_threads(count: int, target) -> float:
+    """Start `count` users at once; the wall time until the last finishes."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def serialised(model, tokenizer, users: list[list[int]], new_tokens: int) -> Run:
+    """What the anchors do: one streamed generate() at a time under a global lock."""
+    run, lock, record = Run(), threading.Lock(), threading.Lock()
+
+    def user(index: int):
+        submitted = time.perf_counter()
+        with lock:
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+            ids = torch.tensor([users[index]])
+            kwargs = dict(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                streamer=streamer,
+                **SAMPLING,
+            )
+            worker = threading.Thread(target=model.generate, kwargs=kwargs)
+            worker.start()
+            stamps = [time.perf_counter() for _ in streamer]
+            worker.join()
+        with record:
+            run.tokens += new_tokens
+            if stamps:
+                run.ttft.append(stamps[0] - submitted)
+                run.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+    run.wall = in_threads(len(users), user)
+    return run
+
+
+def static_batch(model, users: list[list[int]], new_tokens: int) -> Run:
+    """One generate() over all prompts at once: the throughput ceiling, but nobody can join."""
+    ids = torch.tensor(users)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=True,
+            **SAMPLING,
+        )
+    wall = time.perf_counter() - started
+    return Run(tokens=new_tokens * len(users), wall=wall, ttft=[wall] * len(users))
+
+
+def engine_run(engine: Engine, users: list[list[int]], new_tokens: int) -> Run:
+    run, record = Run(), threading.Lock()
+
+    def user(index: int):
+        settings = GenerationSettings(seed=index, max_new_tokens=new_tokens, **SAMPLING)
+        submitted = time.perf_counter()
+        stamps = []
+        count = 0
+        for update in engine.submit(users[index], settings):
+            if update.queue_position is None:
+                stamps.append(time.perf_counter())
+                count = update.new_tokens
+        with record:
+            run.tokens += count
+            run.ttft.append(stamps[0] - submitted)
+            run.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+
+    run.wall = in_threads(len(users), user)
+    return run
+
+
+def raw_generate(model, prompt: list[int], new_tokens: int, in_thread: bool) -> float:
+    """Tokens per second of one plain generate(), in the main thread or a fresh worker thread."""
+    ids = torch.tensor([prompt])
+    seconds = {}
+
+    def job():
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                **SAMPLING,
+            )
+        seconds["value"] = time.perf_counter() - started
+
+    if in_thread:
+        worker = threading.Thread(target=job)
+        worker.start()
+        worker.join()
+    else:
+        job()
+    return new_tokens / seconds["value"]
+
+
+def best_of(repeats: int, measure):
+    """Median of a few repeats: this machine is shared and noisy."""
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def measure_dtype(
+    shape: str, dtype: torch.dtype, user_counts: list[int], new_tokens: int, prompt_len: int, repeats: int
+) -> dict:
+    model = build_model(shape, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(
+        demo_text_model_dir(Path(tempfile.gettempdir()) / "bench-cache")
+    )
+    vocab = model.config.vocab_size
+    warm = prompts(1, prompt_len, vocab)[0]
+    raw_generate(model, warm, 8, in_thread=False)  # warm-up
+    out: dict = {"dtype": str(dtype).removeprefix("torch."), "scenarios": {}}
+    out["raw_main_tok_s"] = round(best_of(repeats, lambda: raw_generate(model, warm, new_tokens, False)), 2)
+    out["raw_thread_tok_s"] = round(best_of(repeats, lambda: raw_generate(model, warm, new_tokens, True)), 2)
+    engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
+    try:
+        engine_run(engine, prompts(1, prompt_len, vocab), 8)  # warm-up
+        for users in user_counts:
+            batch = prompts(users, prompt_len, vocab)
+            row = {
+                "engine": engine_run(engine, batch, new_tokens).summary(),
+                "serialised": serialised(model, tokenizer, batch, new_tokens).summary(),
+            }
+            if users == 8:
+                row["static_batch"] = static_batch(model, batch, new_tokens).summary()
+            out["scenarios"][str(users)] = row
+            print(
+                f"  {out['dtype']} {users:>2} users: "
+                + ", ".join(f"{name} {result['tok_per_s']} tok/s" for name, result in row.items()),
+                flush=True,
+            )
+    finally:
+        engine.close()
+    return out
+
+
+def ratios(result: dict) -> dict:
+    scenarios = result["scenarios"]
+    eight, one = scenarios.get("8"), scenarios.get("1")
+    found = {}
+    if eight:
+        found["engine_8_vs_serialised"] = eight["engine"]["tok_per_s"] / eight["serialised"]["tok_per_s"]
+        found["engine_8_vs_static_batch_8"] = (
+            eight["engine"]["tok_per_s"] / eight["static_batch"]["tok_per_s"]
+        )
+    if one:
+        found["engine_1_vs_raw_generate"] = one["engine"]["tok_per_s"] / result["raw_main_tok_s"]
+    if eight and one:
+        found["ttft_p95_8_vs_ttft_1"] = eight["engine"]["ttft_p95_ms"] / one["engine"]["ttft_p95_ms"]
+    found["raw_thread_vs_main"] = result["raw_thread_tok_s"] / result["raw_main_tok_s"]
+    return {name: round(value, 2) for name, value in found.items()}
+
+
+TARGETS = {
+    "engine_8_vs_serialised": (">=", 4.0),
+    "engine_8_vs_static_batch_8": (">=", 1.0),
+    "engine_1_vs_raw_generate": (">=", 0.95),
+    "ttft_p95_8_vs_ttft_1": ("<=", 3.0),
+}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Serving benchmark ({report['shape']}, {report['new_tokens']} new tokens, "
+        f"{report['threads']} threads)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
+    for result in report["results"]:
+        lines += [
+            f"## {result['dtype']}",
+            "",
+            "| users | system | tok/s | TTFT p50 / p95 ms | ITL p50 / p95 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for users, row in result["scenarios"].items():
+            for name, r in row.items():
+                lines.append(
+                    f"| {users} | {name} | {r['tok_per_s']} | {r['ttft_p50_ms']} / {r['ttft_p95_ms']} | "
+                    f"{r['itl_p50_ms']} / {r['itl_p95_ms']} |"
+                )
+        lines += [
+            "",
+            f"Raw generate, one user: main thread {result['raw_main_tok_s']} tok/s, "
+            f"worker thread {result['raw_thread_tok_s']} tok/s.",
+            "",
+            "| ratio | measured | target |",
+            "|---|---|---|",
+        ]
+        for name, value in result["ratios"].items():
+            target = TARGETS.get(name)
+            lines.append(f"| {name} | {value} | {' '.join(map(str, target)) if target else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Aggregate tok/s per user count, engine vs serialised, one panel per dtype (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    panels = report["results"]
+    width, height = 420 * len(panels), 300
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    colours = {"engine": (249, 115, 22), "serialised": (120, 130, 145), "static_batch": (59, 130, 246)}
+    for p, result in enumerate(panels):
+        left = 420 * p + 40
+        top_value = max(r["tok_per_s"] for row in result["scenarios"].values() for r in row.values()) or 1
+        draw.text((left, 8), f"{report['shape']} {result['dtype']}: aggregate tok/s", fill="black")
+        for i, (users, row) in enumerate(result["scenarios"].items()):
+            for j, name in enumerate(row):
+                x = left + i * 90 + j * 24
+                bar = int(220 * row[name]["tok_per_s"] / top_value)
+                draw.rectangle([x, 260 - bar, x + 20, 260], fill=colours[name])
+            draw.text((left + i * 90, 268), f"{users} users", fill="black")
+        for k, (name, colour) in enumerate(colours.items()):
+            draw.rectangle([left + k * 120, 284, left + k * 120 + 10, 294], fill=colour)
+            draw.text((left + k * 120 + 14, 283), name, fill="black")
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--users", default="1,4,8,16")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the single-user raw measurements")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="1 and 8 users, 16 tokens, fp32: a smoke test")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.dtypes, args.users, args.new_tokens, args.repeats = "float32", "1,8", 16, 1
+    torch.set_num_threads(args.threads)
+    users = [int(u) for u in args.users.split(",")]
+    report = {
+        "shape": args.shape,
+        "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(
+            ["python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "results": [],
+    }
+    for name in args.dtypes.split(","):
+        print(f"{args.shape} {name}:", flush=True)
+        result = measure_dtype(
+            args.shape, getattr(torch, name), users, args.new_tokens, args.prompt_tokens, args.repeats
+        )
+        result["ratios"] = ratios(result)
+        print("  ratios:", result["ratios"], flush=True)
+        report["results"].append(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "serving-quick" if args.quick else "serving"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(report))
+    plot(report, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
