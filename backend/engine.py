@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ class EngineLimits:
     max_queue: int = 32  # requests waiting beyond the batch; more are told the server is busy
     beam_workers: int = 1  # beam searches run beside the batch, this many at a time
     poll_seconds: float = 0.5  # how often a waiting request hears its queue position
+    gather_seconds: float = 0.01  # an idle engine waits this long for more arrivals before a prefill
 
 
 class RequestHandle:
@@ -178,8 +180,16 @@ class Engine:
         torch.set_grad_enabled(False)  # thread-local: this thread only ever runs inference
         while True:
             with self._lock:
+                idle = not self._rows
                 while not self._stopping and not self._waiting and not self._rows:
                     self._lock.wait()
+                # Users arrive in bursts; a moment's wait lets a burst share one prefill.
+                deadline = time.monotonic() + (self.limits.gather_seconds if idle else 0.0)
+                while not self._stopping and len(self._waiting) < self.limits.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._lock.wait(remaining)
                 if self._stopping:
                     break
                 admitted = []

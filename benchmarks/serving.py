@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, TextIteratorStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -157,6 +157,19 @@ def static_batch(model, users: list[list[int]], new_tokens: int) -> Run:
     return Run(tokens=new_tokens * len(users), wall=wall, ttft=[wall] * len(users))
 
 
+def transformers_continuous_batching(model, users: list[list[int]], new_tokens: int) -> Run:
+    """transformers' own continuous batching (generate_batch): no streaming, one seed for all."""
+    config = GenerationConfig(do_sample=True, max_new_tokens=new_tokens, **SAMPLING)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        outputs = model.generate_batch(
+            users, generation_config=config, max_new_tokens=new_tokens, warmup=False
+        )
+    wall = time.perf_counter() - started
+    tokens = sum(len(output.generated_tokens) for output in outputs.values())
+    return Run(tokens=tokens, wall=wall, ttft=[wall] * len(users))
+
+
 def engine_run(engine: Engine, users: list[list[int]], new_tokens: int) -> Run:
     run, record = Run(), threading.Lock()
 
@@ -234,6 +247,12 @@ def measure_dtype(
             }
             if users == 8:
                 row["static_batch"] = static_batch(model, batch, new_tokens).summary()
+                try:
+                    row["transformers_cb"] = transformers_continuous_batching(
+                        model, batch, new_tokens
+                    ).summary()
+                except Exception as error:  # reported, not fatal: it is the alternative under evaluation
+                    out["transformers_cb_error"] = f"{type(error).__name__}: {error}"
             out["scenarios"][str(users)] = row
             print(
                 f"  {out['dtype']} {users:>2} users: "
@@ -314,7 +333,12 @@ def plot(report: dict, path: Path) -> None:
     width, height = 420 * len(panels), 300
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    colours = {"engine": (249, 115, 22), "serialised": (120, 130, 145), "static_batch": (59, 130, 246)}
+    colours = {
+        "engine": (249, 115, 22),
+        "serialised": (120, 130, 145),
+        "static_batch": (59, 130, 246),
+        "transformers_cb": (34, 160, 90),
+    }
     for p, result in enumerate(panels):
         left = 420 * p + 40
         top_value = max(r["tok_per_s"] for row in result["scenarios"].values() for r in row.values()) or 1
@@ -326,8 +350,8 @@ def plot(report: dict, path: Path) -> None:
                 draw.rectangle([x, 260 - bar, x + 20, 260], fill=colours[name])
             draw.text((left + i * 90, 268), f"{users} users", fill="black")
         for k, (name, colour) in enumerate(colours.items()):
-            draw.rectangle([left + k * 120, 284, left + k * 120 + 10, 294], fill=colour)
-            draw.text((left + k * 120 + 14, 283), name, fill="black")
+            draw.rectangle([left + k * 95, 284, left + k * 95 + 10, 294], fill=colour)
+            draw.text((left + k * 95 + 14, 283), name, fill="black")
     image.save(path)
 
 
