@@ -5,10 +5,11 @@ The demo model and real checkpoints take this same path; only where the files co
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -16,8 +17,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from backend.demo_models import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
-from backend.device_plan import DevicePlan, parse_gpu_memory, parse_size, plan_device_map, visible_gpu_budgets
-from backend.hub import resolve_model_dir
+from backend.device_plan import DevicePlan, parse_gpu_memory, parse_size, visible_gpu_budgets
+from backend.hub import ModelUnavailable, resolve_model_dir
+from backend.joint_plan import JointPlan, ModelRequest, memory_in_use, plan_models
+from backend.model_configs import load_config
 from backend.prompting import context_window
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class ModelSpec:
     context_length: int | None = None  # KV-cache headroom is planned for this; None: the model's window
     max_batch_size: int = 1
     offload_dir: str | None = None
+    # This model's part of a plan made for both models before loading (with_joint_plan); None: plan it alone.
+    planned: DevicePlan | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -64,6 +69,10 @@ class LoadedModel:
     @property
     def context_window(self) -> int:
         return context_window(self.model.config, self.tokenizer)
+
+    def system_report(self) -> dict:
+        """The device plan and the memory in use now, as plain data for the System tab."""
+        return self.plan.joint.view(memory_in_use()) if self.plan.joint is not None else {}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -92,11 +101,18 @@ def quantization_config(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_enable_fp32_cpu_offload=offloaded,  # the name says int8; 4-bit needs it too
         )
     if quantization == "8bit":
         # Modules planned onto CPU stay unquantized in fp32; bitsandbytes needs to be told.
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offloaded)
     return None
+
+
+def keeps_offload_unquantized(plan: DevicePlan) -> bool:
+    """bitsandbytes refuses CPU or disk parts beside other devices unless they stay unquantized."""
+    places = set(plan.device_map.values())
+    return places != {"cpu"} and bool(places & {"cpu", "disk"})
 
 
 def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
@@ -106,26 +122,83 @@ def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
     return resolve_model_dir(spec.name, progress)
 
 
+def gpu_budgets(spec: ModelSpec, hypothetical: bool) -> tuple[dict[int, int], list[str]]:
+    """Budgets per GPU, and notes. Loading leaves out GPUs that are not here; planning may describe them."""
+    gpus = parse_gpu_memory(spec.gpu_memory) if spec.gpu_memory else visible_gpu_budgets()
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = sorted(g for g in gpus if g >= visible)
+    if not absent:
+        return gpus, []
+    names = ", ".join(map(str, absent))
+    if hypothetical:
+        return gpus, [f"GPU {names} not present here: planned as --gpu-memory describes."]
+    if not visible:
+        return {}, ["--gpu-memory names GPUs but none is visible: loading on the CPU."]
+    return {g: b for g, b in gpus.items() if g < visible}, [
+        f"--gpu-memory names GPU {names}: not visible, left out."
+    ]
+
+
+def plan_specs(
+    specs: dict[str, ModelSpec], configs: dict | None = None, hypothetical_gpus: bool = False
+) -> JointPlan:
+    """Where the models ({"text": spec, "vision": spec}) go, planned together from their configs alone.
+
+    The loaders and `app.py --plan` both plan here. Budgets come from the first spec (both come from the
+    same flags). Configs not given are looked up without the network (backend.model_configs).
+    """
+    configs = configs or {}
+    first = next(iter(specs.values()))
+    gpus, notes = gpu_budgets(first, hypothetical_gpus)
+    cpu_budget = (
+        parse_size(first.cpu_memory) if first.cpu_memory else int(psutil.virtual_memory().available * 0.8)
+    )
+    requests = []
+    for role, spec in specs.items():
+        config = configs[role] if role in configs else load_config(spec.name)
+        # A vision model's position limit is its language model's.
+        context = spec.context_length or context_window(config.get_text_config(), None)
+        dtype = choose_dtype(spec.dtype, on_gpu=bool(gpus))
+        requests.append(
+            ModelRequest(role, spec.name, config, spec.quantization, dtype, context, spec.max_batch_size)
+        )
+    plan = plan_models(requests, gpus, cpu_budget)
+    return replace(plan, warnings=(*notes, *plan.warnings))
+
+
+def plan_report(specs: dict[str, ModelSpec], as_json: bool) -> str:
+    """`app.py --plan`: the joint plan as text or JSON; --gpu-memory may describe GPUs that are not here."""
+    plan = plan_specs(specs, hypothetical_gpus=True)
+    return json.dumps(plan.to_json(), indent=2) if as_json else plan.to_text()
+
+
+def with_joint_plan(specs: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+    """The specs, each carrying its part of one plan for all of them, so that loading them one after the
+    other fills the devices as planned together. Unchanged when a config cannot be had offline."""
+    try:
+        plan = plan_specs(specs)
+    except (ModelUnavailable, OSError, ValueError) as error:
+        log.warning("Planning the models together failed (%s); each is planned alone when it loads", error)
+        return specs
+    return {role: replace(spec, planned=plan.device_plan(role)) for role, spec in specs.items()}
+
+
 def plan_placement(
     spec: ModelSpec, config, model_class=AutoModelForCausalLM
 ) -> tuple[DevicePlan, torch.dtype, list[str]]:
-    """Device map and compute dtype within the spec's budgets, plus notes for the user."""
-    notes = []
-    gpus = parse_gpu_memory(spec.gpu_memory) if spec.gpu_memory else visible_gpu_budgets()
-    if gpus and not torch.cuda.is_available():
-        notes.append("--gpu-memory names GPUs but none is visible: loading on the CPU.")
-        gpus = {}
-    dtype = choose_dtype(spec.dtype, on_gpu=bool(gpus))
-    cpu_budget = (
-        parse_size(spec.cpu_memory) if spec.cpu_memory else int(psutil.virtual_memory().available * 0.8)
-    )
-    # A vision model's position limit is its language model's.
-    context = spec.context_length or context_window(config.get_text_config(), None)
-    plan = plan_device_map(
-        config, spec.quantization, dtype, gpus, cpu_budget, context, spec.max_batch_size, model_class
-    )
-    notes.extend(plan.warnings)
-    return plan, dtype, notes
+    """Device map and compute dtype within the spec's budgets, plus notes for the user.
+
+    The joint plan the spec carries when it was made for this model; otherwise this model planned alone.
+    """
+    role = "text" if model_class is AutoModelForCausalLM else "vision"
+    plan = spec.planned
+    if (
+        plan is None
+        or plan.joint is None
+        or not any(m.role == role and m.name == spec.name for m in plan.joint.models)
+    ):
+        plan = plan_specs({role: spec}, {role: config}).device_plan(role)
+    return plan, plan.dtype, list(plan.warnings)
 
 
 def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> LoadedModel:
@@ -142,7 +215,7 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
         path,
         dtype=dtype,
         device_map=plan.device_map,
-        quantization_config=quantization_config(spec.quantization, dtype, plan.offloaded),
+        quantization_config=quantization_config(spec.quantization, dtype, keeps_offload_unquantized(plan)),
         trust_remote_code=False,
         use_safetensors=True,
         offload_folder=spec.offload_dir,

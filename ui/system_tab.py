@@ -1,9 +1,14 @@
-"""The System tab: which model answers, how it was loaded, and live engine numbers."""
+"""The System tab: which model answers, how it was loaded, where its parts sit, and live engine numbers."""
 
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 import pandas as pd
+
+# Bar colours: weights, room kept for the KV cache and activations.
+WEIGHTS_COLOUR, RESERVED_COLOUR, OVER_COLOUR = "#3b82f6", "#f59e0b", "#dc2626"
 
 
 def queue_length(demo: gr.Blocks) -> int | None:
@@ -32,8 +37,81 @@ def model_markdown(holder) -> str:
         f" · **context window:** {loaded.context_window} tokens · **loaded in** {loaded.load_seconds:.1f} s",
         f"**Placed on:** {', '.join(places)}",
     ]
-    lines += [f"⚠️ {note}" for note in loaded.notes]
+    plan_warnings = set(getattr(loaded.plan, "warnings", ()))  # shown with the plan picture
+    lines += [f"⚠️ {note}" for note in loaded.notes if note not in plan_warnings]
     return "\n\n".join(lines)
+
+
+def size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB" if n else "0 B"
+
+
+def device_html(device: dict) -> str:
+    """One device: a bar of weights and reserved room against the budget, a mark at the memory in use now,
+    and which modules of which model sit there."""
+    budget = max(device["budget_bytes"], 1)
+    weights, reserved, in_use = device["planned_bytes"], device["reserved_bytes"], device.get("in_use_bytes")
+    colour = OVER_COLOUR if weights + reserved > device["budget_bytes"] else WEIGHTS_COLOUR
+    weights_pct = min(100.0, 100 * weights / budget)
+    reserved_pct = min(100.0 - weights_pct, 100 * reserved / budget)
+    numbers = (
+        f"budget {size_text(device['budget_bytes'])} · weights {size_text(weights)} · "
+        f"reserved {size_text(reserved)}"
+        + (f" · in use now {size_text(in_use)}" if in_use is not None else "")
+    )
+    mark = ""
+    if in_use is not None:
+        left = min(100.0, 100 * in_use / budget)
+        mark = (
+            f'<div title="in use now: {size_text(in_use)}" style="position:absolute;left:{left:.1f}%;'
+            'top:-3px;bottom:-3px;width:2px;background:#111827"></div>'
+        )
+    bar = (
+        '<div style="position:relative;display:flex;height:16px;background:#e5e7eb;border-radius:4px">'
+        f'<div title="weights" style="width:{weights_pct:.1f}%;background:{colour};'
+        'border-radius:4px 0 0 4px"></div>'
+        f'<div title="reserved: KV cache and activations" style="width:{reserved_pct:.1f}%;'
+        f'background:{RESERVED_COLOUR}"></div>{mark}</div>'
+    )
+    parts = "".join(
+        f"<li><b>{html.escape(m['role'])}</b> <code>{html.escape(m['name'])}</code>: "
+        f"{html.escape(', '.join(m['parts']))}</li>"
+        for m in device["models"]
+    )
+    return (
+        f'<div class="plan-device" style="margin:0.6em 0"><div><b>{html.escape(device["label"])}</b> '
+        f'<span style="opacity:0.8">{numbers}</span></div>{bar}'
+        f'<ul style="margin:0.3em 0 0 1.2em">{parts}</ul></div>'
+    )
+
+
+def plan_html(report: dict | None) -> str:
+    """The device plan as a picture (backend's plain data from `LoadedModel.system_report()`)."""
+    if not report:
+        return ""
+    verdict = "✅ Fits" if report["fits"] else "⛔ Does not fit: some parts go to disk"
+    legend = (
+        f'<span style="color:{WEIGHTS_COLOUR}">■</span> weights '
+        f'<span style="color:{RESERVED_COLOUR}">■</span> reserved for KV cache and activations '
+        "<b>|</b> in use now (CPU: this process's resident memory)"
+    )
+    warnings = "".join(f"<li>⚠️ {html.escape(w)}</li>" for w in report["warnings"])
+    return (
+        f'<div id="device-plan"><p><b>Device plan</b>: {verdict}<br><small>{legend}</small></p>'
+        + "".join(device_html(d) for d in report["devices"])
+        + (f'<ul class="plan-warnings">{warnings}</ul>' if warnings else "")
+        + "</div>"
+    )
+
+
+def plan_report(holder) -> dict | None:
+    if holder.status().state != "ready":
+        return None
+    report = getattr(holder.get(), "system_report", None)  # duck-typed: models without a plan have none
+    return report() if report else None
 
 
 def stats_markdown(snapshot, waiting: int | None) -> str:
@@ -55,6 +133,7 @@ def build_system_tab(demo: gr.Blocks, service) -> None:
     """Call inside a gr.Tabs context."""
     with gr.Tab("System", id="system"):
         model_info = gr.Markdown(elem_id="system-model")
+        plan = gr.HTML(elem_id="system-plan")
         stats = gr.Markdown(elem_id="system-stats")
         plot = gr.LinePlot(
             history_frame(service.stats.snapshot()),
@@ -69,10 +148,12 @@ def build_system_tab(demo: gr.Blocks, service) -> None:
         snapshot = service.stats.snapshot()
         return (
             model_markdown(service.holder),
+            plan_html(plan_report(service.holder)),
             stats_markdown(snapshot, queue_length(demo)),
             history_frame(snapshot),
         )
 
+    outputs = [model_info, plan, stats, plot]
     timer = gr.Timer(2.0)
-    timer.tick(refresh, None, [model_info, stats, plot], api_visibility="private", queue=False)
-    demo.load(refresh, None, [model_info, stats, plot], api_visibility="private", queue=False)
+    timer.tick(refresh, None, outputs, api_visibility="private", queue=False)
+    demo.load(refresh, None, outputs, api_visibility="private", queue=False)
