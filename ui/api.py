@@ -75,6 +75,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
             raise gr.Error(str(error)) from None
 
     gr.api(next_tokens, api_name="next_tokens", concurrency_id="inspector")
+
     def caption(
         image: gr.FileData,
         prompt: str = "",

@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import gradio as gr
 
 from backend.settings import MODES, GenerationSettings, ServerLimits
 
 DEFAULTS = GenerationSettings()
+# What a disabled control holds: the value that turns its setting off.
+NEUTRAL = {"top_k": 0, "repetition_penalty": 1.0, "num_beams": 1}
 
 
-def build_controls(limits: ServerLimits) -> dict[str, gr.components.Component]:
-    """Create the controls inside the current Blocks context, keyed by settings field name."""
+def build_controls(
+    limits: ServerLimits, unsupported: Mapping[str, str] | None = None
+) -> dict[str, gr.components.Component]:
+    """Create the controls inside the current Blocks context, keyed by settings field name.
+
+    `unsupported` maps fields the engine does not take (a remote backend) to why: those controls are
+    disabled at their neutral value with the reason as info; "mode" loses its beam choice instead.
+    """
+    unsupported = dict(unsupported or {})
+
+    def setting(name: str, value: Any, info: str | None = None) -> dict[str, Any]:
+        if name in unsupported and name in NEUTRAL:
+            return {"value": NEUTRAL[name], "info": unsupported[name], "interactive": False}
+        return {"value": value, "info": info}
+
     controls: dict[str, gr.components.Component] = {}
     controls["system_prompt"] = gr.Textbox(
         DEFAULTS.system_prompt, label="System prompt", lines=3, info="Sets the assistant's role (chat only)."
     )
+    mode_info = (
+        "sample: random, shaped below · greedy: likeliest token · beam: best of several (not streamed)"
+    )
     controls["mode"] = gr.Radio(
-        list(MODES),
+        [mode for mode in MODES if mode != "beam" or "mode" not in unsupported],
         value=DEFAULTS.mode,
         label="Mode",
-        info="sample: random, shaped below · greedy: likeliest token · beam: best of several (not streamed)",
+        info=f"{mode_info} · {unsupported['mode']}" if "mode" in unsupported else mode_info,
     )
     controls["seed"] = gr.Number(
         DEFAULTS.seed,
@@ -37,13 +58,17 @@ def build_controls(limits: ServerLimits) -> dict[str, gr.components.Component]:
         info="Higher is more random; 0 is greedy.",
     )
     controls["top_k"] = gr.Slider(
-        0, 200, DEFAULTS.top_k, step=1, label="Top-k", info="Keep the k likeliest; 0 = off."
+        0, 200, step=1, label="Top-k", **setting("top_k", DEFAULTS.top_k, "Keep the k likeliest; 0 = off.")
     )
     controls["top_p"] = gr.Slider(
         0.01, 1.0, DEFAULTS.top_p, step=0.01, label="Top-p", info="Keep the likeliest reaching p; 1 = off."
     )
     controls["repetition_penalty"] = gr.Slider(
-        1.0, 2.0, DEFAULTS.repetition_penalty, step=0.01, label="Repetition penalty", info="1 = off."
+        1.0,
+        2.0,
+        step=0.01,
+        label="Repetition penalty",
+        **setting("repetition_penalty", DEFAULTS.repetition_penalty, "1 = off."),
     )
     controls["max_new_tokens"] = gr.Slider(
         1,
@@ -53,7 +78,11 @@ def build_controls(limits: ServerLimits) -> dict[str, gr.components.Component]:
         label="Max new tokens",
     )
     controls["num_beams"] = gr.Slider(
-        1, limits.max_num_beams, DEFAULTS.num_beams, step=1, label="Beams", info="Beam mode only."
+        1,
+        limits.max_num_beams,
+        step=1,
+        label="Beams",
+        **setting("num_beams", DEFAULTS.num_beams, "Beam mode only."),
     )
     controls["stop_words"] = gr.Textbox(
         "",

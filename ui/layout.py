@@ -26,10 +26,10 @@ TITLE = "Chat & caption playground"
 EMPTY_BOX = {"text": "", "files": []}
 
 
-def build_ui(service, vision, limits: ServerLimits, concurrency: int) -> gr.Blocks:
+def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupported=None) -> gr.Blocks:
     """`service` is a backend ChatService and `vision` a VisionService, or None when images are off.
 
-    Duck-typed: ui/ never imports torch.
+    Duck-typed: ui/ never imports torch. `unsupported`: settings a remote backend does not take, and why.
     """
     holder = service.holder
     models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])
@@ -93,7 +93,7 @@ def build_ui(service, vision, limits: ServerLimits, concurrency: int) -> gr.Bloc
                 inspector = build_inspector_tab()
                 build_system_tab(demo, service)
             with gr.Column(scale=1, min_width=280), gr.Accordion("Generation settings", open=True):
-                controls = build_controls(limits)
+                controls = build_controls(limits, unsupported)
 
         control_inputs = set(controls.values())
         generation = {
