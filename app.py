@@ -1,7 +1,8 @@
-"""Chat & caption playground: wires the backend to the UI and launches it.
+"""Chat & caption playground: wires the backend to the UI and the OpenAI-compatible API, and serves both.
 
     python app.py                      # Vicuna-7B 4-bit on GPU, a small chat model on CPU
     python app.py --model DIR_OR_HUB_ID --quantization 4bit --port 7860
+    python app.py --backend-url http://gpu-box:8000   # an OpenAI-compatible server answers instead
     python app.py --help               # every flag, each also an environment variable
 
 When a model cannot be had (offline, not cached), it starts on the built-in demo models.
@@ -12,19 +13,28 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import gradio as gr
 import torch
+import uvicorn
+from fastapi import FastAPI
 
 from backend.app_config import AppConfig, parse_config
 from backend.chat_service import ChatService
 from backend.engine import EngineLimits
+from backend.hub import ModelUnavailable
 from backend.images import ImageLimits
-from backend.loading import ModelSpec
+from backend.loading import ModelSpec, plan_report, with_joint_plan
 from backend.model_holder import ModelHolder
+from backend.openai_api import build_openai_router
+from backend.openai_client import OpenAIClient
+from backend.remote_backend import RemoteChatService, RemoteHolder, RemoteVisionService
 from backend.vision import load_vision_model
 from backend.vision_demo import DEMO_LLAVA
 from backend.vision_service import VisionService
-from ui.layout import CSS, build_ui
+from ui.layout import CSS, TITLE, build_ui
 
 log = logging.getLogger("playground")
 
@@ -41,52 +51,139 @@ def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
     )
 
 
-def load_all(holders: list[ModelHolder]) -> None:
-    """One after the other: two loads at once would fight over memory bandwidth and cores."""
-    for holder in holders:
+def load_all(holders: dict[str, ModelHolder]) -> None:
+    """Plan all models together, then load them one after the other: two loads at once would fight
+    over memory bandwidth and cores, and planning together keeps them from claiming the same room."""
+    planned = with_joint_plan({role: holder.spec for role, holder in holders.items()})
+    for role, holder in holders.items():
+        holder.spec = planned[role]
         holder.load()
 
 
-def create_app(config: AppConfig, load_in_background: bool = True):
-    """The Gradio app for `config`; models load in the background while the page is served."""
+@dataclass
+class Services:
+    """The engine the UI and the /v1 API share: local models, or a remote OpenAI-compatible server."""
+
+    chat: object  # ChatService or RemoteChatService
+    images: object | None  # VisionService or RemoteVisionService; None when images are off
+    holders: list
+    model_name: str | Callable[[], str]  # the id /v1 serves
+    unsupported: dict[str, str]  # settings the engine does not take, and why (the UI disables them)
+    api_extensions: frozenset[str] | None = None  # non-OpenAI /v1 parameters; None: all of ours
+
+
+def image_limits(config: AppConfig) -> ImageLimits:
+    return ImageLimits(max_bytes=config.max_upload_mb * 2**20, max_pixels=config.max_image_pixels)
+
+
+def create_services(config: AppConfig, load_in_background: bool = True) -> Services:
+    if config.backend_url:
+        return remote_services(config)
+    chat, images, holders = local_services(config, load_in_background)
+    return Services(chat, images, holders, config.model, {})
+
+
+def local_services(config: AppConfig, load_in_background: bool):
+    """ChatService and VisionService on models loaded here (in the background while the page is served)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     text = ModelHolder(model_spec(config, config.model, config.quantization), config.demo_fallback)
-    holders = [text]
+    roles = {"text": text}
     vision = None
     if config.vision_model:
         vision_spec = model_spec(config, config.vision_model, config.vision_quantization)
         vision = ModelHolder(
             vision_spec, config.demo_fallback, loader=load_vision_model, demo_name=DEMO_LLAVA
         )
-        holders.append(vision)
+        roles["vision"] = vision
+    holders = list(roles.values())
     if load_in_background:
-        threading.Thread(target=load_all, args=(holders,), name="model-loader", daemon=True).start()
+        threading.Thread(target=load_all, args=(roles,), name="model-loader", daemon=True).start()
     else:
-        load_all(holders)
+        load_all(roles)
     chat = ChatService(text, config.limits, EngineLimits(config.max_batch_size, config.max_waiting))
-    image_limits = ImageLimits(max_bytes=config.max_upload_mb * 2**20, max_pixels=config.max_image_pixels)
-    images = VisionService(vision, chat, config.limits, image_limits) if vision else None
-    demo = build_ui(chat, images, config.limits, config.concurrency)
-    return demo.queue(max_size=config.queue_size, default_concurrency_limit=config.concurrency), holders
+    images = VisionService(vision, chat, config.limits, image_limits(config)) if vision else None
+    return chat, images, holders
+
+
+def remote_services(config: AppConfig) -> Services:
+    holder = RemoteHolder(OpenAIClient(config.backend_url, config.backend_api_key), config.model)
+    status = holder.load()  # one quick request: the controls depend on what the server takes
+    if status.state != "ready":
+        log.warning("%s; generation settings are limited to standard OpenAI ones until restart", status.stage)
+    capabilities = holder.capabilities
+    chat = RemoteChatService(holder, config.limits)
+    images = None
+    if config.vision_model and capabilities.takes_images:
+        images = RemoteVisionService(chat, config.limits, image_limits(config))
+    return Services(
+        chat,
+        images,
+        [holder],
+        lambda: holder.loaded_name,
+        capabilities.unsupported(),
+        capabilities.api_extensions(images=images is not None),
+    )
+
+
+def create_app(config: AppConfig, load_in_background: bool = True):
+    """The Gradio app for `config` and its model holders; models load in the background meanwhile."""
+    services = create_services(config, load_in_background)
+    return build_demo(config, services), services.holders
+
+
+def build_demo(config: AppConfig, services: Services) -> gr.Blocks:
+    demo = build_ui(services.chat, services.images, config.limits, config.concurrency, services.unsupported)
+    return demo.queue(max_size=config.queue_size, default_concurrency_limit=config.concurrency)
+
+
+def create_server(config: AppConfig, load_in_background: bool = True):
+    """(FastAPI app, Gradio app, holders): /v1 and the UI on one port, one engine behind both."""
+    services = create_services(config, load_in_background)
+    demo = build_demo(config, services)
+    app = FastAPI(title=TITLE, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(
+        build_openai_router(
+            services.chat,
+            services.images,
+            config.api_key,
+            services.model_name,
+            config.limits,
+            services.api_extensions,
+        )
+    )
+    gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        server_name=config.host,
+        server_port=config.port,
+        css=CSS,
+        show_error=True,
+        max_file_size=f"{config.max_upload_mb}mb",
+    )
+    return app, demo, services.holders
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU warns on every call
     config = parse_config(argv, has_gpu=torch.cuda.is_available())
+    if config.plan:  # where the models would go, planned from their configs alone: no weights are loaded
+        specs = {"text": model_spec(config, config.model, config.quantization)}
+        if config.vision_model:
+            specs["vision"] = model_spec(config, config.vision_model, config.vision_quantization)
+        try:
+            print(plan_report(specs, as_json=config.plan_json))
+        except ModelUnavailable as error:
+            sys.exit(f"Cannot plan: {error}")
+        return
     log.info(
         "Starting with model %s (%s), vision model %s", config.model, config.quantization, config.vision_model
     )
-    demo, _ = create_app(config)
-    demo.launch(
-        server_name=config.host,
-        server_port=config.port,
-        css=CSS,
-        share=False,
-        show_error=True,
-        max_file_size=f"{config.max_upload_mb}mb",
-    )
+    app, _, _ = create_server(config)
+    log.info("Serving on http://%s:%d (OpenAI-compatible API under /v1)", config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ class AppConfig:
     threads: int | None
     max_image_pixels: int
     max_upload_mb: int
+    api_key: str | None = None  # required on every /v1 request when set
+    backend_url: str | None = None  # an OpenAI-compatible server answers instead of local models
+    backend_api_key: str | None = None
+    plan: bool = False  # print the device plan and exit, loading no weights
+    plan_json: bool = False  # ... as JSON
 
 
 def default_model(has_gpu: bool) -> tuple[str, str]:
@@ -110,6 +115,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=opt("CONTEXT_LENGTH"),
         help="Context length the KV-cache headroom is planned for. Default: the model's window.",
     )
+    add(
+        "--plan",
+        action="store_true",
+        help="Print where the models would go (GPUs, CPU RAM, disk) and exit, from their configs alone: "
+        "no weights are loaded, and --gpu-memory may describe GPUs this machine does not have.",
+    )
+    add("--json", dest="plan_json", action="store_true", help="Print the plan as JSON (implies --plan).")
     add("--host", default=opt("HOST", "127.0.0.1"), help="Address to listen on (0.0.0.0 for all).")
     add("--port", type=int, default=int(opt("PORT", env.get("GRADIO_SERVER_PORT", "7860"))), help="Port.")
     add(
@@ -149,6 +161,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Fail instead of starting on the demo model when the configured model cannot be loaded.",
     )
     add("--threads", type=int, default=opt("THREADS"), help="torch CPU threads. Default: torch's choice.")
+    add(
+        "--api-key",
+        default=opt("API_KEY"),
+        help="Require this key (Authorization: Bearer KEY) on every request to the OpenAI-compatible /v1 API "
+        "(prefer the environment variable: flags show in process lists).",
+    )
+    add(
+        "--backend-url",
+        default=opt("BACKEND_URL"),
+        help="Use this OpenAI-compatible server (vLLM, SGLang, another playground; e.g. http://host:8000) "
+        "for chat, completion and images instead of loading models here.",
+    )
+    add("--backend-api-key", default=opt("BACKEND_API_KEY"), help="API key sent to --backend-url.")
     return parser
 
 
@@ -185,4 +210,9 @@ def parse_config(
         threads=int(args.threads) if args.threads else None,
         max_image_pixels=args.max_image_pixels,
         max_upload_mb=args.max_upload_mb,
+        api_key=args.api_key or None,
+        backend_url=args.backend_url or None,
+        backend_api_key=args.backend_api_key or None,
+        plan=args.plan or args.plan_json,
+        plan_json=args.plan_json,
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,48 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 def test_torch_is_pinned_exactly():
     requirements = (ROOT / "requirements.txt").read_text()
     assert re.search(r"^torch==2\.13\.0$", requirements, re.MULTILINE)
+
+
+def test_plan_flags():
+    assert not parse_config([], has_gpu=False, env={}).plan
+    only_text = parse_config(["--plan"], has_gpu=False, env={})
+    assert only_text.plan and not only_text.plan_json
+    as_json = parse_config(["--plan", "--json"], has_gpu=False, env={})
+    assert as_json.plan and as_json.plan_json
+    assert parse_config(["--json"], has_gpu=False, env={}).plan  # --json alone implies --plan
+
+
+def test_plan_json_runs_offline_and_loads_no_weights(tmp_path: Path):
+    # An empty Hugging Face cache and no network: there are no weights to load, only the shipped config.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PLAYGROUND_CACHE": str(tmp_path)}
+    command = [sys.executable, "app.py", "--plan", "--json", "--model", "lmsys/vicuna-7b-v1.5"]
+    command += ["--vision-model", "none", "--gpu-memory", "0=8GiB,1=8GiB"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - started < 60  # imports and a meta-device plan; most of it is imports
+    plan = json.loads(result.stdout)
+    assert set(plan) == {"devices", "models", "fits", "warnings"}
+    assert list(plan["devices"]) == ["0", "1", "cpu", "disk"]
+    assert all(
+        set(use) == {"budget_bytes", "planned_bytes", "reserved_bytes"} for use in plan["devices"].values()
+    )
+    assert plan["devices"]["0"]["budget_bytes"] == 8 * 2**30
+    (model,) = plan["models"]
+    assert (model["role"], model["name"], model["quantization"]) == ("text", "lmsys/vicuna-7b-v1.5", "none")
+    assert model["total_bytes"] > 12 * 2**30 and set(model["device_map"].values()) <= {
+        "0",
+        "1",
+        "cpu",
+        "disk",
+    }
+    assert isinstance(plan["fits"], bool) and any("not present here" in w for w in plan["warnings"])
+
+
+def test_plan_of_an_unknown_model_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import app
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(SystemExit) as stop:
+        app.main(["--plan", "--model", "someorg/absent", "--vision-model", "none"])
+    assert str(stop.value.code).startswith("Cannot plan: no config for 'someorg/absent'")
