@@ -9,14 +9,35 @@ from collections.abc import Iterator
 from backend.engine import Engine, EngineLimits
 from backend.engine_stats import EngineStats
 from backend.errors import BadInput, ContextOverflow
-from backend.generation import GenerationUpdate
 from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
-from backend.replies import Reply
+from backend.replies import Reply, replies_from_updates
 from backend.settings import GenerationSettings, ServerLimits
 
 log = logging.getLogger(__name__)
+
+
+class ReplyStream:
+    """The replies of one queued request. Closing or dropping it cancels the request, also before
+    the first reply: a generator that never started would not run its cleanup."""
+
+    def __init__(self, replies: Iterator[Reply], handle):
+        self._replies = replies
+        self._handle = handle
+
+    def __iter__(self) -> ReplyStream:
+        return self
+
+    def __next__(self) -> Reply:
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._replies.close()
+        self._handle.cancel()
+
+    def __del__(self) -> None:
+        self._handle.cancel()  # harmless once the request has finished
 
 
 def prompt_budget(context_window: int, max_new_tokens: int) -> int:
@@ -79,7 +100,12 @@ class ChatService:
         engine = self.engine(loaded)
         submit = engine.submit_beam if settings.mode == "beam" else engine.submit
         handle = submit(prompt.ids, settings)  # queued now: a full queue refuses before anything is shown
-        return self._counted(self._replies(iter(handle), settings, notice, strip_leading_space))
+        return ReplyStream(
+            self._counted(
+                replies_from_updates(iter(handle), settings, notice, len(prompt.ids), strip_leading_space)
+            ),
+            handle,
+        )
 
     def engine(self, loaded) -> Engine:
         """The engine for the loaded model; a model switch gets a fresh one."""
@@ -105,36 +131,6 @@ class ChatService:
             raise
         finally:
             self.stats.ended(outcome)
-
-    def _replies(
-        self,
-        updates: Iterator[GenerationUpdate],
-        settings: GenerationSettings,
-        notice,
-        strip_leading_space: bool,
-    ) -> Iterator[Reply]:
-        tokens = []
-        for update in updates:
-            if update.queue_position is not None:
-                yield Reply(
-                    "", False, 0, 0.0, settings.seed, settings.mode, queue_position=update.queue_position
-                )
-                continue
-            if update.token is not None:
-                tokens.append(update.token)
-            text = update.text.lstrip() if strip_leading_space else update.text
-            yield Reply(
-                text=text,
-                done=update.finished,
-                new_tokens=update.new_tokens,
-                seconds=update.seconds,
-                seed=settings.seed,
-                mode=settings.mode,
-                finish_reason=update.finish_reason,
-                notice=notice,
-                first_token_seconds=update.first_token_seconds,
-                tokens=tuple(tokens) if update.finished else (),
-            )
 
     def inspector(self) -> Inspector:
         loaded = self.holder.get()

@@ -11,6 +11,7 @@ leave at the next step when they finish or are cancelled, which frees their part
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -105,6 +106,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[_Pending] = deque()
         self._rows: list[_Row] = []
+        self._admitting = 0
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 0 where left padding
         self._device = input_device(model)
@@ -113,6 +115,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
 
     # ------------------------------------------------------------------ requests
 
@@ -154,14 +157,16 @@ class Engine:
     def stats(self) -> tuple[int, int]:
         """(requests decoding, requests waiting)."""
         with self._lock:
-            return len(self._rows), len(self._waiting)
+            return len(self._rows) + self._admitting, len(self._waiting)
 
     def close(self) -> None:
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        self._thread.join(timeout=10)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
         self._beams.shutdown(wait=False, cancel_futures=True)
+        atexit.unregister(self.close)
 
     def _position(self, handle: RequestHandle) -> int:
         with self._lock:
@@ -195,14 +200,17 @@ class Engine:
                 admitted = []
                 while self._waiting and len(self._rows) + len(admitted) < self.limits.max_batch_size:
                     admitted.append(self._waiting.popleft())
+                self._admitting = len(admitted)  # counted as running while their prefill runs
             try:
                 if admitted:
                     self._admit(admitted)
+                self._admitting = 0
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
                     self._drop_finished()
             except Exception as error:  # a failed step fails its batch, never the engine
+                self._admitting = 0
                 log.exception("Decode step failed")
                 for row in self._rows:
                     row.handle._put(error)

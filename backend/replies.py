@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -18,6 +19,7 @@ class Reply:
     first_token_seconds: float | None = None
     tokens: tuple = ()  # backend.generation.TokenChoice per generated token, on the final reply only
     queue_position: int | None = None  # while waiting: 1 = next to start
+    prompt_tokens: int | None = None  # the prompt's size as the model read it, for API usage counts
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,3 +44,33 @@ FINISH_REASONS = {
     "eos": "model ended the reply",
     "length": "hit max new tokens",
 }
+
+
+def replies_from_updates(
+    updates: Iterable,
+    settings,
+    notice: str | None = None,
+    prompt_tokens: int | None = None,
+    strip_leading_space: bool = True,
+) -> Iterator[Reply]:
+    """Replies from backend.generation.GenerationUpdate objects of one request with `settings`."""
+    tokens = []
+    for update in updates:
+        if update.queue_position is not None:
+            yield Reply("", False, 0, 0.0, settings.seed, settings.mode, queue_position=update.queue_position)
+            continue
+        if update.token is not None:
+            tokens.append(update.token)
+        yield Reply(
+            text=update.text.lstrip() if strip_leading_space else update.text,
+            done=update.finished,
+            new_tokens=update.new_tokens,
+            seconds=update.seconds,
+            seed=settings.seed,
+            mode=settings.mode,
+            finish_reason=update.finish_reason,
+            notice=notice,
+            first_token_seconds=update.first_token_seconds,
+            tokens=tuple(tokens) if update.finished else (),
+            prompt_tokens=prompt_tokens,
+        )

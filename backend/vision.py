@@ -36,7 +36,7 @@ from backend.generation import (
 from backend.hub import resolve_model_dir
 from backend.loading import ModelSpec, ProgressFn, plan_placement, quantization_config
 from backend.prompting import Turn, context_window, vicuna_prompt
-from backend.replies import Reply
+from backend.replies import Reply, replies_from_updates
 from backend.settings import GenerationSettings
 from backend.stopping import StopWordMatcher
 from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
@@ -256,6 +256,11 @@ def overflow(loaded: LoadedVision, inputs: dict[str, torch.Tensor], max_new_toke
 # ----------------------------------------------------------------------------- generation
 
 
+def prompt_size(inputs: dict[str, torch.Tensor]) -> int:
+    """Tokens the language model reads, image placeholders included (API usage counts)."""
+    return int(inputs["input_ids"].shape[-1])
+
+
 def caption_stream(
     loaded: LoadedVision, image: Image.Image, question: str, settings: GenerationSettings
 ) -> Iterator[Reply]:
@@ -263,7 +268,7 @@ def caption_stream(
     settings = settings.with_seed()
     inputs = encode_image_prompt(loaded, image, caption_prompt(loaded.family, loaded.processor, question))
     check_fits(loaded, inputs, settings.max_new_tokens)
-    return _replies(_updates(loaded, inputs, settings), settings, None)
+    return replies_from_updates(_updates(loaded, inputs, settings), settings, None, prompt_size(inputs))
 
 
 def chat_with_image_stream(
@@ -289,7 +294,7 @@ def chat_with_image_stream(
     if dropped:
         turns = "turn was" if dropped == 1 else "turns were"
         notice = f"The {dropped} oldest {turns} left out to fit the model's context window."
-    return _replies(_updates(loaded, inputs, settings), settings, notice)
+    return replies_from_updates(_updates(loaded, inputs, settings), settings, notice, prompt_size(inputs))
 
 
 @dataclass(frozen=True)
@@ -418,24 +423,3 @@ def generate_beam_with_image(
     seconds = time.perf_counter() - started
     reason = "stop_word" if cut.stopped else finish_reason
     return GenerationUpdate(cut.visible, len(generated), True, reason, seconds, seconds)
-
-
-def _replies(
-    updates: Iterator[GenerationUpdate], settings: GenerationSettings, notice: str | None
-) -> Iterator[Reply]:
-    tokens = []
-    for update in updates:
-        if update.token is not None:
-            tokens.append(update.token)
-        yield Reply(
-            text=update.text.lstrip(),
-            done=update.finished,
-            new_tokens=update.new_tokens,
-            seconds=update.seconds,
-            seed=settings.seed,
-            mode=settings.mode,
-            finish_reason=update.finish_reason,
-            notice=notice,
-            first_token_seconds=update.first_token_seconds,
-            tokens=tuple(tokens) if update.finished else (),
-        )

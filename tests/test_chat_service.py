@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,32 @@ def test_prompt_budget() -> None:
     assert prompt_budget(512, 12) == 500
     with pytest.raises(ContextOverflow, match="512"):
         prompt_budget(512, 512)
+
+
+def test_a_stream_closed_before_its_first_reply_cancels_its_request(demo_text_dir, monkeypatch):
+    """The engine must not keep decoding for a caller that left before reading anything."""
+    from backend.chat_service import ChatService as Service
+    from backend.loading import ModelSpec as Spec
+    from backend.model_holder import ModelHolder as Holder
+    from backend.settings import GenerationSettings as Settings
+    from backend.settings import ServerLimits as Limits
+
+    holder = Holder(Spec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
+    holder.load()
+    model = holder.get().model
+    original = model.forward
+
+    def slow(*args, **kwargs):  # 400 tokens now take over 4 s: only a cancel ends them sooner
+        time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow)
+    monkeypatch.setattr("backend.generation.eos_token_ids", lambda model, tokenizer: set())  # no early end
+    service = Service(holder, Limits())
+    stream = service.chat("Hello", [], Settings(seed=1, max_new_tokens=400))
+    engine = service.engine(holder.get())
+    stream.close()
+    deadline = time.time() + 1.5
+    while engine.stats() != (0, 0) and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats() == (0, 0)
