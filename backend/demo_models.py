@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_TEXT_MODEL = "demo:tiny-llama-chat"
@@ -136,8 +137,31 @@ def default_cache_root() -> Path:
 def demo_text_model_dir(cache_root: Path | None = None) -> Path:
     """Return the cached demo model directory, building it (atomically) on first use."""
     target = Path(cache_root if cache_root is not None else default_cache_root()) / _CACHE_SUBDIR
+    return install_atomically(target, build_demo_text_model)
+
+
+def install_atomically(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(folder)` into a temporary sibling and renamed into place.
+
+    A half-built directory never appears under `target`, and of two processes building at once
+    one wins the rename and the other uses its result.
+    """
     if is_demo_model_dir(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists() and not is_demo_model_dir(target):
+            shutil.rmtree(target, ignore_errors=True)  # leftover of a non-atomic/interrupted build
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not is_demo_model_dir(target):  # not a lost race with another builder: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -19,7 +19,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.demo_models import MARKER_FILE, _build_tokenizer, default_cache_root, is_demo_model_dir
+from backend.demo_models import (
+    MARKER_FILE,
+    _build_tokenizer,
+    default_cache_root,
+    install_atomically,
+    is_demo_model_dir,
+)
 
 DEMO_BLIP2 = "demo:tiny-blip2"
 DEMO_INSTRUCTBLIP = "demo:tiny-instructblip"
@@ -263,8 +269,7 @@ def demo_vision_model_dir(name: str, cache_root: Path | None = None) -> Path:
     _check_name(name)
     root = Path(cache_root if cache_root is not None else default_cache_root())
     target = root / "demo" / f"{name.removeprefix('demo:')}-v{_VERSION}"
-    if is_demo_model_dir(target):
-        return target
+    return install_atomically(target, lambda folder: build_demo_vision_model(name, folder))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
