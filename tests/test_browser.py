@@ -1,0 +1,302 @@
+"""The real UI in headless Chromium: what a user clicks, types and sees.
+
+Needs the Debian `chromium` package and Python `playwright` (never `playwright install`). Skipped
+when either is missing, except under CI (`CI=true`), where that is a failure. Deselect locally with
+`-m 'not browser'`. Screenshots land in test-artifacts/browser/<test name>.png.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # see missing_browser: the module skips, or fails under CI
+    expect = sync_playwright = None
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCREENSHOTS = REPO_ROOT / "test-artifacts" / "browser"
+HOUSE = REPO_ROOT / "assets" / "examples" / "house.png"
+WAIT_MS = 30_000
+
+# Replies only: notes (stats, notices, errors) are "thought" messages with a title.
+REPLIES = "#chatbot .message:not(.thought) > [data-testid='bot']"
+NOTES = "#chatbot .thought [data-testid='bot']"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_browser() -> str | None:
+    missing = [f"Chromium at {CHROMIUM} (apt-get install chromium)"] if not CHROMIUM.exists() else []
+    if sync_playwright is None:
+        missing.append("Python playwright (pip install playwright)")
+    return "browser tests need " + " and ".join(missing) if missing else None
+
+
+# Skip before the session fixtures build the demo models; under CI every test fails instead.
+if missing_browser() and not in_ci():
+    pytest.skip(missing_browser(), allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_available() -> None:
+    if reason := missing_browser():
+        pytest.fail(f"{reason}; CI must run them", pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_text_dir, demo_vision_dirs):
+    """(base URL, holders): the app in-process on 127.0.0.1, UI and /v1 on one uvicorn server."""
+    import uvicorn
+
+    from app import create_server
+    from backend.app_config import parse_config
+
+    port = free_port()
+    arguments = ["--model", str(demo_text_dir), "--dtype", "float32", "--host", "127.0.0.1"]
+    arguments += ["--port", str(port), "--vision-model", str(demo_vision_dirs["demo:tiny-llava"])]
+    config = parse_config(arguments, has_gpu=False, env={})
+    app, _, holders = create_server(config, load_in_background=False)
+    assert [holder.status().state for holder in holders] == ["ready", "ready"]
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, name="browser-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", holders
+    uvicorn_server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def dialogs() -> list[str]:
+    """The message of every alert, confirm or prompt the test's page opened."""
+    return []
+
+
+@pytest.fixture
+def page(browser, server, dialogs, request):
+    """A fresh page (its own settings and chat) on the app; screenshot at the end, pass or fail."""
+    url, _ = server
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(url)
+    expect(page.locator("#message textarea")).to_be_visible()
+    expect(page.get_by_role("radio", name="greedy", exact=True)).to_be_visible()
+    yield page
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+# --- what a user does ---------------------------------------------------------------------------
+
+
+def set_max_new_tokens(page, n: int) -> None:
+    box = page.get_by_label("number input for Max new tokens")
+    box.fill(str(n))
+    box.press("Enter")
+    expect(page.get_by_label("range slider for Max new tokens")).to_have_value(str(n))
+
+
+def choose_greedy(page) -> None:
+    page.get_by_role("radio", name="greedy", exact=True).check()
+
+
+def send(page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#send").click()
+
+
+def clear(page) -> None:
+    page.locator("#clear").click()
+    expect(page.locator("#chatbot [data-testid='bot']")).to_have_count(0)
+    expect(page.locator("#chatbot [data-testid='user']")).to_have_count(0)
+
+
+def stats_note(page):
+    """The note under a finished reply: 'N tokens · … tok/s · … · seed N · mode …'."""
+    note = page.locator(NOTES).filter(has_text=re.compile(r"\d+ tokens · .* tok/s · .*seed \d+"))
+    expect(note).to_have_count(1)
+    return note
+
+
+def reply_text(page) -> str:
+    return page.locator(REPLIES).first.inner_text()
+
+
+def chat_once(page, text: str) -> tuple[str, str]:
+    """Send `text`, wait for the whole reply: (reply as shown, its stats note)."""
+    send(page, text)
+    note = stats_note(page)
+    return reply_text(page), note.inner_text()
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def test_chat_reply_streams_in_and_completes(page):
+    set_max_new_tokens(page, 96)
+    send(page, "Hello there")
+    reply = page.locator(REPLIES).first
+    seen: set[str] = set()
+    note = page.locator(NOTES).filter(has_text="tok/s")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while note.count() == 0 and time.monotonic() < deadline:
+        if reply.count():
+            seen.add(reply.inner_text())
+        time.sleep(0.02)
+    stats = stats_note(page).inner_text()
+    final = reply_text(page)
+    assert final.strip(), "the reply is empty"
+    # Shown as markdown, so a partial reply need not be a prefix of the final one: compare lengths.
+    assert any(0 < len(text) < len(final) for text in seen), "the reply did not stream: no partial reply"
+    assert "sample" in stats
+    expect(page.locator("[data-testid='user']")).to_have_text("Hello there")
+
+
+def test_greedy_gives_the_same_reply_twice(page):
+    choose_greedy(page)
+    set_max_new_tokens(page, 40)
+    first, stats = chat_once(page, "Tell me about the sky")
+    assert "greedy" in stats
+    clear(page)
+    second, _ = chat_once(page, "Tell me about the sky")
+    assert first.strip() and first == second
+
+
+def stop_word_from(reply: str) -> str:
+    """A short run of letters from the middle of the reply that occurs in it only once."""
+    middle = len(reply) // 3
+    for match in re.finditer(r"[A-Za-z]{3,}", reply[middle:]):
+        word = match.group()[:4]
+        if reply.count(word) == 1:
+            return word
+    raise AssertionError(f"no usable stop word in {reply!r}")
+
+
+def test_stop_word_cuts_the_reply(page):
+    choose_greedy(page)
+    set_max_new_tokens(page, 60)
+    full, _ = chat_once(page, "Hello")
+    stop = stop_word_from(full)
+    page.get_by_label("Stop words").fill(stop)
+    clear(page)
+    cut, stats = chat_once(page, "Hello")
+    assert "stopped at a stop word" in stats
+    assert stop not in cut
+    # As shown: markdown turns the text's newlines into line breaks, so compare words.
+    assert cut.split() == full[: full.index(stop)].split()
+
+
+def settled_length(locator, quiet: float = 2.0, timeout: float = 20.0) -> int:
+    """The length of the locator's text once it has not changed for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    length, since = len(locator.inner_text()), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"the text kept growing for {timeout} s"
+        time.sleep(0.1)
+        if (now := len(locator.inner_text())) != length:
+            length, since = now, time.monotonic()
+    return length
+
+
+def test_stop_button_stops_a_long_reply(page, server, monkeypatch):
+    _, holders = server
+    model = holders[0].get().model
+    original = model.forward
+    calls = {"n": 0}
+
+    def slow_forward(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(0.02)  # the tiny model would finish 400 tokens before a click lands
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    set_max_new_tokens(page, 400)  # the demo context is 512 tokens: room for the prompt
+    send(page, "Hello")
+    reply = page.locator(REPLIES).first
+    expect(reply).not_to_have_text("")
+    page.locator("#stop").click()
+    settled_length(reply)
+    calls_at = calls["n"]
+    time.sleep(1.0)
+    assert calls["n"] == calls_at, "the model kept generating after Stop"
+    assert calls_at < 400, "the reply ran to the end: Stop did nothing"
+    # Stopped, not finished: a reply that ends on its own gets a note saying how.
+    finished = page.locator(NOTES).filter(has_text=re.compile("hit max new tokens|model ended the reply"))
+    expect(finished).to_have_count(0)
+
+
+def test_caption_tab_captions_an_uploaded_image(page):
+    set_max_new_tokens(page, 24)
+    page.get_by_role("tab", name="Caption").click()
+    page.locator("#caption-image input[type='file']").set_input_files(HOUSE)
+    expect(page.locator("#caption-image img")).to_be_visible()
+    page.locator("#caption-run").click()
+    expect(page.locator("#caption-stats")).to_contain_text("tok/s")
+    expect(page.locator("#caption-stats")).not_to_contain_text("⏳")
+    expect(page.locator("#caption-output textarea")).not_to_have_value("")
+
+
+def test_visual_chat_is_answered_by_the_vision_model(page):
+    set_max_new_tokens(page, 24)
+    page.locator("#message input[type='file']").set_input_files(HOUSE)
+    expect(page.locator("#message img")).to_be_visible()  # uploaded: its thumbnail shows
+    reply, stats = chat_once(page, "What is in the picture?")
+    assert reply.strip()
+    assert "answered by the vision model" in stats
+    expect(page.locator("#chatbot [data-testid='user'] img")).to_have_count(1)
+
+
+def test_html_in_a_message_is_shown_as_text_and_never_runs(page, dialogs):
+    attack = "<img src=x onerror=alert(1)> <script>alert(2)</script>"
+    set_max_new_tokens(page, 8)
+    send(page, attack)
+    stats_note(page)
+    page.wait_for_timeout(500)  # time for a broken image's onerror to fire, if it could
+    assert dialogs == []
+    user = page.locator("#chatbot [data-testid='user']")
+    assert "<img src=x onerror=alert(1)>" in user.inner_text()
+    assert "<script>alert(2)</script>" in user.inner_text()
+    expect(page.locator("#chatbot img[src='x']")).to_have_count(0)
+    expect(page.locator("#chatbot script")).to_have_count(0)
+
+
+def test_system_tab_shows_the_model_and_live_numbers(page, server):
+    _, holders = server
+    page.get_by_role("tab", name="System").click()
+    expect(page.locator("#system-model")).to_contain_text(holders[0].loaded_name)
+    expect(page.locator("#system-stats")).to_contain_text("Active requests")
+    expect(page.locator("#system-plan")).to_contain_text("Device plan")
