@@ -31,3 +31,13 @@ class BadImage(UserError):
 
 class ServerBusy(UserError):
     """The queue is full; try again shortly."""
+
+
+class RateLimited(UserError):
+    """This client sent more than --rate-limit requests in the last minute."""
+
+    def __init__(self, per_minute: int, retry_after: int):
+        self.per_minute, self.retry_after = per_minute, retry_after
+        super().__init__(
+            f"Rate limit: at most {per_minute} requests per minute; try again in {retry_after} s."
+        )

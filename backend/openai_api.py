@@ -18,7 +18,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from backend.errors import BadImage, ContextOverflow, InvalidSettings, ModelNotReady, ServerBusy, UserError
+from backend.errors import (
+    BadImage,
+    ContextOverflow,
+    InvalidSettings,
+    ModelNotReady,
+    RateLimited,
+    ServerBusy,
+    UserError,
+)
 from backend.images import ImageLimits
 from backend.openai_client import BackendError
 from backend.openai_responses import Interleaved, Shape, Started, close_all, finish_reason, sse, usage_of
@@ -47,6 +55,7 @@ IMAGE_EXTENSIONS = frozenset({"image_url", "image_pipeline"})
 END = object()
 # Typed user errors -> (HTTP status, OpenAI-style code). The first match wins.
 STATUSES: tuple[tuple[type[UserError], int, str | None], ...] = (
+    (RateLimited, 429, "rate_limit_exceeded"),
     (ServerBusy, 429, "server_busy"),
     (ModelNotReady, 503, "model_not_ready"),
     (ContextOverflow, 400, "context_length_exceeded"),
@@ -65,13 +74,15 @@ def api_error(error: Exception) -> ApiError:
     for kind, status, code in STATUSES:
         if isinstance(error, kind):
             field_name = getattr(error, "field", None)
-            return ApiError(status, str(error), PARAM_NAMES.get(field_name, field_name), code)
+            refused = ApiError(status, str(error), PARAM_NAMES.get(field_name, field_name), code)
+            refused.retry_after = getattr(error, "retry_after", 1)
+            return refused
     log.error("API request failed", exc_info=error)
     return ApiError(500, f"Generation failed ({type(error).__name__}: {error}).")
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    retry = {"Retry-After": "1"} if error.status in (429, 503) else None
+    retry = {"Retry-After": str(getattr(error, "retry_after", 1))} if error.status in (429, 503) else None
     return JSONResponse(error.body(), status_code=error.status, headers=retry)
 
 
@@ -103,6 +114,16 @@ def key_check(api_key: str | None) -> Callable:
             )
 
     return require_key
+
+
+def rate_check(rate_limit) -> Callable:
+    """A dependency: the request counts against its client's --rate-limit (a ClientRateLimit, or None)."""
+
+    async def within_rate_limit(request: Request) -> None:
+        if rate_limit is not None:
+            rate_limit.admit(request)
+
+    return within_rate_limit
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -303,17 +324,20 @@ def build_openai_router(
     model_name: str | Callable[[], str],
     limits: ServerLimits | None = None,
     extensions: frozenset[str] | None = None,
+    rate_limit=None,
 ) -> APIRouter:
     """The /v1 routes over `chat` (a ChatService or RemoteChatService) and `vision` (or None).
 
     `model_name` is the id clients send (a callable when it is only known later, e.g. remote);
-    `extensions` are the non-OpenAI parameters accepted (default: all of ours).
+    `extensions` are the non-OpenAI parameters accepted (default: all of ours); `rate_limit` (a
+    backend.rate_limit.ClientRateLimit) counts generation requests per client, after the key check.
     """
     api = OpenAIApi(chat, vision, limits or ServerLimits(), model_name, extensions)
     router = APIRouter(prefix="/v1", route_class=OpenAIRoute, dependencies=[Depends(key_check(api_key))])
     router.add_api_route("/models", api.models, methods=["GET"])
-    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
-    router.add_api_route("/completions", api.completions, methods=["POST"])
+    limited = [Depends(rate_check(rate_limit))]
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"], dependencies=limited)
+    router.add_api_route("/completions", api.completions, methods=["POST"], dependencies=limited)
 
     async def unknown(path: str) -> Response:
         raise ApiError(404, f"There is no endpoint /v1/{path} (see GET /v1/models).", code="unknown_url")

@@ -11,7 +11,8 @@ import gradio as gr
 
 from backend.errors import BadInput
 from backend.settings import GenerationSettings, ServerLimits
-from ui.handlers import BEAM_NOTE, failure_message, report
+from backend.zero_gpu import on_gpu
+from ui.handlers import BEAM_NOTE, failure_message, metered, report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLE_ROWS = [
@@ -86,10 +87,14 @@ def caption_image(
         yield reply.text, f"{reply.stats_line()} · {vision.holder.loaded_name}"
 
 
-def wire_caption(vision, limits: ServerLimits, tab: CaptionTab, controls: dict, generation: dict) -> None:
-    def on_caption(data):
+def wire_caption(
+    vision, limits: ServerLimits, tab: CaptionTab, controls: dict, generation: dict, rate_limit=None
+) -> None:
+    @on_gpu
+    def on_caption(data, request: gr.Request = None):
         values = {name: data[component] for name, component in controls.items()}
-        yield from caption_image(vision, limits, data[tab.image], data[tab.prompt], values)
+        captioning = metered(vision, rate_limit, request)
+        yield from caption_image(captioning, limits, data[tab.image], data[tab.prompt], values)
 
     inputs = {tab.image, tab.prompt} | set(controls.values())
     event = tab.run.click(on_caption, inputs, [tab.output, tab.stats], **generation)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -166,3 +166,30 @@ def api_stream(replies_factory) -> Iterator[str]:
     except Exception as error:
         log.exception("API request failed")
         raise gr.Error(failure_message(error)) from None
+
+
+class Metered:
+    """`service` whose generating calls first pass `admit` (which raises RateLimited beyond --rate-limit)."""
+
+    CALLS = frozenset({"chat", "complete", "caption", "visual_chat", "next_tokens"})
+
+    def __init__(self, service, admit: Callable[[], None]):
+        self._service, self._admit = service, admit
+
+    def __getattr__(self, name: str):
+        value = getattr(self._service, name)
+        if name not in self.CALLS:
+            return value
+
+        def admitted(*args, **kwargs):
+            self._admit()
+            return value(*args, **kwargs)
+
+        return admitted
+
+
+def metered(service, rate_limit, request: gr.Request | None):
+    """`service` as this request may use it: counted against its client's budget; as is without a limit."""
+    if service is None or rate_limit is None:
+        return service
+    return Metered(service, lambda: rate_limit.admit(request))
