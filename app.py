@@ -11,10 +11,11 @@ When a model cannot be had (offline, not cached), it starts on the built-in demo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 import torch
@@ -27,9 +28,11 @@ from backend.engine import EngineLimits
 from backend.hub import ModelUnavailable
 from backend.images import ImageLimits
 from backend.loading import ModelSpec, plan_report, with_joint_plan
-from backend.model_holder import ModelHolder
+from backend.model_holder import ModelHolder, plan_switches_together
 from backend.openai_api import build_openai_router
 from backend.openai_client import OpenAIClient
+from backend.prompt_log import PromptLog
+from backend.rate_limit import rate_limit_for
 from backend.remote_backend import RemoteChatService, RemoteHolder, RemoteVisionService
 from backend.vision import load_vision_model
 from backend.vision_demo import DEMO_LLAVA
@@ -37,6 +40,8 @@ from backend.vision_service import VisionService
 from ui.layout import CSS, TITLE, build_ui
 
 log = logging.getLogger("playground")
+# No usage telemetry to Gradio; it reads this whenever a Blocks is built, so before build_ui runs.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
@@ -48,6 +53,7 @@ def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
         cpu_memory=config.cpu_memory,
         context_length=config.context_length,
         max_batch_size=config.max_batch_size,
+        trust_remote_code=config.trust_remote_code,
     )
 
 
@@ -70,6 +76,7 @@ class Services:
     model_name: str | Callable[[], str]  # the id /v1 serves
     unsupported: dict[str, str]  # settings the engine does not take, and why (the UI disables them)
     api_extensions: frozenset[str] | None = None  # non-OpenAI /v1 parameters; None: all of ours
+    rate_limit: object | None = None  # a ClientRateLimit the UI, its API and /v1 share; None: no limit
 
 
 def image_limits(config: AppConfig) -> ImageLimits:
@@ -78,24 +85,35 @@ def image_limits(config: AppConfig) -> ImageLimits:
 
 def create_services(config: AppConfig, load_in_background: bool = True) -> Services:
     if config.backend_url:
-        return remote_services(config)
-    chat, images, holders = local_services(config, load_in_background)
-    return Services(chat, images, holders, config.model, {})
+        services = remote_services(config)
+    else:
+        chat, images, holders = local_services(config, load_in_background)
+        services = Services(chat, images, holders, lambda: chat.holder.spec.name, {})  # follows switches
+    services.rate_limit = rate_limit_for(config.rate_limit, config.trust_proxy_headers)
+    if config.log_prompts:  # the one place prompts and replies are logged, for the UI and /v1 alike
+        services.chat, services.images = PromptLog.around(services.chat), PromptLog.around(services.images)
+    return services
 
 
 def local_services(config: AppConfig, load_in_background: bool):
     """ChatService and VisionService on models loaded here (in the background while the page is served)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    text = ModelHolder(model_spec(config, config.model, config.quantization), config.demo_fallback)
+    text_spec = replace(model_spec(config, config.model, config.quantization), adapters=config.adapters)
+    text = ModelHolder(text_spec, config.demo_fallback, choices=config.model_choices)
     roles = {"text": text}
     vision = None
     if config.vision_model:
         vision_spec = model_spec(config, config.vision_model, config.vision_quantization)
         vision = ModelHolder(
-            vision_spec, config.demo_fallback, loader=load_vision_model, demo_name=DEMO_LLAVA
+            vision_spec,
+            config.demo_fallback,
+            loader=load_vision_model,
+            demo_name=DEMO_LLAVA,
+            choices=config.vision_model_choices,
         )
         roles["vision"] = vision
+    plan_switches_together(roles)
     holders = list(roles.values())
     if load_in_background:
         threading.Thread(target=load_all, args=(roles,), name="model-loader", daemon=True).start()
@@ -133,7 +151,14 @@ def create_app(config: AppConfig, load_in_background: bool = True):
 
 
 def build_demo(config: AppConfig, services: Services) -> gr.Blocks:
-    demo = build_ui(services.chat, services.images, config.limits, config.concurrency, services.unsupported)
+    demo = build_ui(
+        services.chat,
+        services.images,
+        config.limits,
+        config.concurrency,
+        services.unsupported,
+        rate_limit=services.rate_limit,
+    )
     return demo.queue(max_size=config.queue_size, default_concurrency_limit=config.concurrency)
 
 
@@ -150,6 +175,7 @@ def create_server(config: AppConfig, load_in_background: bool = True):
             services.model_name,
             config.limits,
             services.api_extensions,
+            rate_limit=services.rate_limit,
         )
     )
     gr.mount_gradio_app(

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from backend.adapters import AdapterSpec, parse_adapters
 from backend.settings import ServerLimits
 
 GPU_DEFAULT = ("lmsys/vicuna-7b-v1.5", "4bit")
@@ -42,6 +43,13 @@ class AppConfig:
     backend_api_key: str | None = None
     plan: bool = False  # print the device plan and exit, loading no weights
     plan_json: bool = False  # ... as JSON
+    rate_limit: int = 0  # generation requests per minute per client; 0: no limit
+    trust_proxy_headers: bool = False  # take the client from X-Forwarded-For (behind a Space's proxy)
+    trust_remote_code: bool = False  # let model repositories run their own Python code
+    log_prompts: bool = False  # log every prompt and reply at INFO
+    adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters on the chat model, chosen per request
+    model_choices: tuple[str, ...] = ()  # chat models the System tab may switch to (the launched one first)
+    vision_model_choices: tuple[str, ...] = ()  # the same for the vision model
 
 
 def default_model(has_gpu: bool) -> tuple[str, str]:
@@ -52,6 +60,9 @@ def default_model(has_gpu: bool) -> tuple[str, str]:
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     def opt(name: str, fallback=None):
         return env.get(f"PLAYGROUND_{name}", fallback)
+
+    def switch(name: str) -> bool:
+        return opt(name, "").strip().lower() in ("1", "true", "yes")
 
     parser = argparse.ArgumentParser(
         description="Chat & caption playground. Every flag can also be set as PLAYGROUND_<FLAG> "
@@ -122,7 +133,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "no weights are loaded, and --gpu-memory may describe GPUs this machine does not have.",
     )
     add("--json", dest="plan_json", action="store_true", help="Print the plan as JSON (implies --plan).")
-    add("--host", default=opt("HOST", "127.0.0.1"), help="Address to listen on (0.0.0.0 for all).")
+    add(
+        "--host",
+        default=opt("HOST", env.get("GRADIO_SERVER_NAME", "127.0.0.1")),  # a Space sets GRADIO_SERVER_NAME
+        help="Address to listen on (0.0.0.0 for all).",
+    )
     add("--port", type=int, default=int(opt("PORT", env.get("GRADIO_SERVER_PORT", "7860"))), help="Port.")
     add(
         "--max-batch-size",
@@ -174,14 +189,73 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "for chat, completion and images instead of loading models here.",
     )
     add("--backend-api-key", default=opt("BACKEND_API_KEY"), help="API key sent to --backend-url.")
+    add(
+        "--rate-limit",
+        type=int,
+        default=int(opt("RATE_LIMIT", "0")),
+        help="At most this many generation requests per minute from each client (UI, gradio_client API "
+        "and /v1 together); 0 (the default) sets no limit. For public deployments.",
+    )
+    add(
+        "--trust-proxy-headers",
+        action="store_true",
+        default=switch("TRUST_PROXY_HEADERS"),
+        help="Identify clients by the first X-Forwarded-For hop, for the rate limit. Only behind a proxy "
+        "that sets it (a Space): anyone can send the header.",
+    )
+    add(
+        "--trust-remote-code",
+        action="store_true",
+        default=switch("TRUST_REMOTE_CODE"),
+        help="Let model repositories run their own Python code when loading (off by default: only "
+        "architectures transformers ships are loaded). Only for repositories you trust.",
+    )
+    add(
+        "--log-prompts",
+        action="store_true",
+        default=switch("LOG_PROMPTS"),
+        help="Log every request's prompt and reply at INFO (off by default: they are the users' business).",
+    )
+    add(
+        "--lora",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="A PEFT LoRA adapter directory to put on the chat model (4-bit ones too), named NAME or after "
+        "its directory; repeat for more (PLAYGROUND_LORA: comma-separated). Each request picks one or none.",
+    )
+    add(
+        "--model-choices",
+        default=opt("MODEL_CHOICES", ""),
+        help="Comma-separated chat models (Hub ids or local directories) the System tab can switch to at "
+        "runtime, loaded like --model; the launched model is always one of them.",
+    )
+    add(
+        "--vision-model-choices",
+        default=opt("VISION_MODEL_CHOICES", ""),
+        help="Comma-separated vision models the System tab can switch to; the launched one is always one.",
+    )
     return parser
+
+
+def comma_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def choices_with(launched: str | None, listed: str) -> tuple[str, ...]:
+    """The allowlist a model may be switched within: the launched model first, no repeats."""
+    return tuple(dict.fromkeys([launched, *comma_list(listed)])) if launched else ()
 
 
 def parse_config(
     argv: Sequence[str] | None, has_gpu: bool, env: Mapping[str, str] | None = None
 ) -> AppConfig:
     env = os.environ if env is None else env
-    args = build_parser(env).parse_args(argv)
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    try:
+        adapters = parse_adapters(comma_list(env.get("PLAYGROUND_LORA")) if args.lora is None else args.lora)
+    except ValueError as error:
+        parser.error(f"--lora: {error}")
     preset_model, preset_quantization = default_model(has_gpu)
     model = args.model or preset_model
     quantization = args.quantization or (preset_quantization if model == preset_model else "none")
@@ -215,4 +289,11 @@ def parse_config(
         backend_api_key=args.backend_api_key or None,
         plan=args.plan or args.plan_json,
         plan_json=args.plan_json,
+        rate_limit=max(args.rate_limit, 0),
+        trust_proxy_headers=args.trust_proxy_headers,
+        trust_remote_code=args.trust_remote_code,
+        log_prompts=args.log_prompts,
+        adapters=adapters,
+        model_choices=choices_with(model, args.model_choices),
+        vision_model_choices=choices_with(None if vision == NO_VISION else vision, args.vision_model_choices),
     )

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from backend.engine import Engine, EngineLimits
 from backend.engine_stats import EngineStats
-from backend.errors import BadInput, ContextOverflow
+from backend.errors import BadInput, ContextOverflow, InvalidSettings, ModelNotReady
 from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
@@ -16,6 +16,8 @@ from backend.replies import Reply, replies_from_updates
 from backend.settings import GenerationSettings, ServerLimits
 
 log = logging.getLogger(__name__)
+
+MODEL_SWITCHED = "The model was switched; please resend your message."
 
 
 class ReplyStream:
@@ -40,6 +42,16 @@ class ReplyStream:
         self._handle.cancel()  # harmless once the request has finished
 
 
+def check_adapter(loaded, name: str) -> None:
+    """The adapter must be one loaded on this model (those given at launch that fit it), or ""."""
+    available = ("", *getattr(loaded, "adapters", ()))
+    if name not in available:
+        choices = ", ".join(repr(choice) for choice in available)
+        raise InvalidSettings(
+            "adapter", f"this model has no adapter {name!r}; choose one of {choices} ('' is the base model)"
+        )
+
+
 def prompt_budget(context_window: int, max_new_tokens: int) -> int:
     """Tokens left for the prompt once the reply's room is kept free."""
     budget = context_window - max_new_tokens
@@ -60,6 +72,24 @@ class ChatService:
         self._engine_lock = threading.Lock()
         self._inspector: Inspector | None = None
         self.stats = EngineStats()
+        holder.register_requests(self.in_flight, self.release)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """What a request's `adapter` may name: "" (the base model), then the adapters given at launch."""
+        return ("", *(adapter.name for adapter in self.holder.spec.adapters))
+
+    def in_flight(self) -> int:
+        """Requests the model has not finished yet (a model switch waits for them)."""
+        engine = self._engine
+        return engine.pending() if engine is not None else 0
+
+    def release(self, reason: str) -> None:
+        """Let go of the model before a switch: requests still in the engine fail with `reason`."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close(reason)
+            self._engine, self._inspector = None, None
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         """Check everything, then return the stream of the reply to `message` after `history`.
@@ -69,6 +99,7 @@ class ChatService:
         self._check_text("Message", message)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
+        check_adapter(loaded, settings.adapter)
         budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
         prompt = build_chat_prompt(loaded.tokenizer, settings.system_prompt, history, message.strip(), budget)
         return self._run(loaded, prompt, settings, strip_leading_space=True)
@@ -78,6 +109,7 @@ class ChatService:
         self._check_text("Text", text)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
+        check_adapter(loaded, settings.adapter)
         budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
         prompt = build_raw_prompt(loaded.tokenizer, text, budget)
         return self._run(loaded, prompt, settings, strip_leading_space=False)
@@ -110,9 +142,11 @@ class ChatService:
     def engine(self, loaded) -> Engine:
         """The engine for the loaded model; a model switch gets a fresh one."""
         with self._engine_lock:
+            if self.holder.get() is not loaded:  # switched since this request began: never revive the old
+                raise ModelNotReady(MODEL_SWITCHED)
             if self._engine is None or self._engine.model is not loaded.model:
                 if self._engine is not None:
-                    self._engine.close()
+                    self._engine.close(MODEL_SWITCHED)
                 self._engine = Engine(loaded.model, loaded.tokenizer, self.engine_limits)
             return self._engine
 
@@ -158,12 +192,14 @@ class ChatService:
     def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> NextTokens:
         """The top-n next tokens after `text`, before and after the warpers of `settings`."""
         settings = settings.validated(self.limits)
+        check_adapter(self.holder.get(), settings.adapter)
         return self.inspector().next_tokens(self.text_ids(text), settings, n)
 
     def step_text(self, text: str, settings: GenerationSettings) -> str:
         """`text` plus the token generation would choose next (greedy, or seeded sample)."""
         settings = settings.validated(self.limits)
         loaded = self.holder.get()
+        check_adapter(loaded, settings.adapter)
         ids = self.text_ids(text)
         chosen = self.inspector().step(ids, settings)
         return (

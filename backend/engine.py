@@ -24,13 +24,15 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from backend.errors import ServerBusy
+from backend.adapters import rows_using
+from backend.errors import ModelNotReady, ServerBusy
 from backend.generation import GenerationUpdate, RequestState, generate_beam, input_device
 from backend.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
+SHUTTING_DOWN = "The server is shutting down."
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class Engine:
         self._beams = ThreadPoolExecutor(self.limits.beam_workers, thread_name_prefix="beam")
         self._beam_slots = threading.BoundedSemaphore(self.limits.beam_workers + self.limits.max_queue)
         self._stopping = False
+        self._closed_reason = SHUTTING_DOWN
+        self._beam_jobs = 0  # queued or running
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
@@ -123,6 +127,8 @@ class Engine:
         """Queue a sample/greedy request; raises ServerBusy when the queue is full."""
         handle = RequestHandle(self)
         with self._lock:
+            if self._stopping:
+                raise ModelNotReady(self._closed_reason)
             if len(self._waiting) >= self.limits.max_queue:
                 raise ServerBusy(
                     f"The server is busy ({len(self._rows)} replies running, {len(self._waiting)} waiting). "
@@ -134,24 +140,40 @@ class Engine:
 
     def submit_beam(self, prompt_ids: list[int], settings: GenerationSettings) -> RequestHandle:
         """Beam search runs as its own job beside the batch (generate() cannot join our batch)."""
+        if self._stopping:
+            raise ModelNotReady(self._closed_reason)
         if not self._beam_slots.acquire(blocking=False):
             raise ServerBusy("Too many beam searches are waiting. Try again in a moment.")
         handle = RequestHandle(self)
+        with self._lock:
+            self._beam_jobs += 1
 
         def job():
             try:
                 if handle.cancelled.is_set():
                     handle._put(_DONE)
                     return
+                if self._stopping:
+                    handle._put(ModelNotReady(self._closed_reason))
+                    return
                 handle.started.set()
-                handle._put(generate_beam(self.model, self.tokenizer, prompt_ids, settings))
+                with rows_using([settings.adapter]):
+                    handle._put(generate_beam(self.model, self.tokenizer, prompt_ids, settings))
             except Exception as error:
                 log.exception("Beam search failed")
                 handle._put(error)
             finally:
                 self._beam_slots.release()
+                with self._lock:
+                    self._beam_jobs -= 1
 
-        self._beams.submit(job)
+        try:
+            self._beams.submit(job)
+        except RuntimeError:  # closed since the check above
+            self._beam_slots.release()
+            with self._lock:
+                self._beam_jobs -= 1
+            raise ModelNotReady(self._closed_reason) from None
         return handle
 
     def stats(self) -> tuple[int, int]:
@@ -159,13 +181,20 @@ class Engine:
         with self._lock:
             return len(self._rows) + self._admitting, len(self._waiting)
 
-    def close(self) -> None:
+    def pending(self) -> int:
+        """Requests not yet finished by the model: decoding, waiting, and beam searches."""
         with self._lock:
-            self._stopping = True
+            return len(self._rows) + self._admitting + len(self._waiting) + self._beam_jobs
+
+    def close(self, reason: str = SHUTTING_DOWN) -> None:
+        """Stop; requests still running or waiting fail with ModelNotReady(reason), as do later ones."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping, self._closed_reason = True, reason
             self._lock.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
-        self._beams.shutdown(wait=False, cancel_futures=True)
+        self._beams.shutdown(wait=False)  # queued beam searches see _stopping and fail with the reason
         atexit.unregister(self.close)
 
     def _position(self, handle: RequestHandle) -> int:
@@ -215,8 +244,12 @@ class Engine:
                 for row in self._rows:
                     row.handle._put(error)
                 self._rows, self._cache, self._mask = [], None, None
-        for row in self._rows:
-            row.handle._put(_DONE)
+        with self._lock:
+            left = [row.handle for row in self._rows] + [pending.handle for pending in self._waiting]
+            self._rows, self._cache, self._mask = [], None, None
+            self._waiting.clear()
+        for handle in left:
+            handle._put(ModelNotReady(self._closed_reason))
 
     @torch.inference_mode()
     def _admit(self, admitted: list[_Pending]) -> None:
@@ -244,13 +277,14 @@ class Engine:
             device=self._device,
         )
         try:
-            outputs = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            with rows_using([pending.settings.adapter for pending, _ in group]):
+                outputs = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         except Exception as error:  # e.g. a prompt the model cannot take: only the newcomers fail
             log.exception("Prefill failed")
             for pending, _ in group:
@@ -289,13 +323,14 @@ class Engine:
         )
         positions = torch.tensor([[row.length] for row in self._rows], dtype=torch.long, device=self._device)
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
-        outputs = self.model(
-            input_ids=last,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-        )
+        with rows_using([row.state.settings.adapter for row in self._rows]):
+            outputs = self.model(
+                input_ids=last,
+                attention_mask=self._mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
         self._cache = outputs.past_key_values
         for row in self._rows:
             row.length += 1

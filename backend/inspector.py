@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from backend.adapters import rows_using
 from backend.generation import input_device
 from backend.sampling import (
     build_logits_processor,
@@ -71,13 +72,13 @@ class Inspector:
         self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        key = tuple(ids)
+    def logits(self, ids: list[int], adapter: str = "") -> torch.Tensor:
+        key = (adapter, *ids)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        with torch.inference_mode():
+        with torch.inference_mode(), rows_using([adapter]):
             tensor = torch.tensor([ids], dtype=torch.long, device=input_device(self.model))
             logits = self.model(input_ids=tensor).logits[0, -1].float().cpu()
         with self._lock:
@@ -88,7 +89,7 @@ class Inspector:
 
     def next_tokens(self, ids: list[int], settings: GenerationSettings, n: int) -> NextTokens:
         n = max(1, min(n, MAX_LISTED_TOKENS))
-        logits = self.logits(ids)
+        logits = self.logits(ids, settings.adapter)
         p_raw = torch.softmax(logits, dim=-1)
         p_final = final_probabilities(logits, torch.tensor([ids]), settings, len(self.tokenizer))
         top = torch.topk(p_raw, min(n, p_raw.numel()))
@@ -100,7 +101,7 @@ class Inspector:
 
     def step(self, ids: list[int], settings: GenerationSettings) -> int:
         """The token generation would pick next: argmax, or a draw seeded by (seed, position)."""
-        logits = self.logits(ids)
+        logits = self.logits(ids, settings.adapter)
         scores = build_logits_processor(settings)(
             torch.tensor([ids]), mask_unknown_tokens(logits[None, :], len(self.tokenizer))
         )

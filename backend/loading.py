@@ -16,6 +16,7 @@ import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from backend.adapters import AdapterSpec, attach_adapters
 from backend.demo_models import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
 from backend.device_plan import DevicePlan, parse_gpu_memory, parse_size, visible_gpu_budgets
 from backend.hub import ModelUnavailable, resolve_model_dir
@@ -42,6 +43,8 @@ class ModelSpec:
     context_length: int | None = None  # KV-cache headroom is planned for this; None: the model's window
     max_batch_size: int = 1
     offload_dir: str | None = None
+    trust_remote_code: bool = False  # --trust-remote-code: the repository's own Python code may run
+    adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters put on the chat model, chosen per request
     # This model's part of a plan made for both models before loading (with_joint_plan); None: plan it alone.
     planned: DevicePlan | None = field(default=None, compare=False)
 
@@ -65,6 +68,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     notes: list[str] = field(default_factory=list)
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters loaded on the model
 
     @property
     def context_window(self) -> int:
@@ -113,6 +117,17 @@ def keeps_offload_unquantized(plan: DevicePlan) -> bool:
     """bitsandbytes refuses CPU or disk parts beside other devices unless they stay unquantized."""
     places = set(plan.device_map.values())
     return places != {"cpu"} and bool(places & {"cpu", "disk"})
+
+
+def remote_code(spec: ModelSpec) -> bool:
+    """The spec's trust_remote_code for from_pretrained, announced loudly when on."""
+    if spec.trust_remote_code:
+        log.warning(
+            "trust_remote_code is ON (--trust-remote-code): loading %s may run Python code from its "
+            "repository on this machine. Use it only with repositories you trust.",
+            spec.name,
+        )
+    return spec.trust_remote_code
 
 
 def model_files(spec: ModelSpec, progress: ProgressFn) -> Path:
@@ -206,21 +221,28 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     report = progress or (lambda stage, fraction: None)
     started = time.perf_counter()
     path = model_files(spec, report)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    trust = remote_code(spec)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     plan, dtype, notes = plan_placement(spec, config)
     report(f"Loading tokenizer from {path}", None)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     report(f"Loading weights ({spec.quantization}, {str(dtype).removeprefix('torch.')})", None)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
         device_map=plan.device_map,
         quantization_config=quantization_config(spec.quantization, dtype, keeps_offload_unquantized(plan)),
-        trust_remote_code=False,
+        trust_remote_code=trust,
         use_safetensors=True,
         offload_folder=spec.offload_dir,
     )
     model.eval()
+    model, adapters, adapter_notes = attach_adapters(model, spec.adapters, report)
+    notes += adapter_notes
     seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1f s (%s, %s)", spec.name, seconds, spec.quantization, dtype)
-    return LoadedModel(model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes)
+    for note in adapter_notes:
+        log.warning("%s", note)
+    return LoadedModel(
+        model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, adapters
+    )

@@ -21,7 +21,7 @@ import httpx
 from PIL import Image
 
 from backend.engine_stats import EngineStats
-from backend.errors import BadInput, ModelNotReady, UserError
+from backend.errors import BadInput, InvalidSettings, ModelNotReady, UserError
 from backend.images import ImageLimits, load_image
 from backend.model_holder import LoadStatus
 from backend.openai_client import BackendError, OpenAIClient
@@ -216,6 +216,8 @@ class RemoteChatService:
 
     def _run(self, path: str, body: dict, settings: GenerationSettings, chat: bool) -> Iterator[Reply]:
         """Send now, so that a refusal raises before the caller shows anything; stream the rest."""
+        if settings.adapter:
+            raise InvalidSettings("adapter", "adapters are only served by local models, not --backend-url")
         model = self.holder.get()
         payload, left_out = sampling_payload(settings, model.capabilities)
         notice = None

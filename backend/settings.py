@@ -19,6 +19,7 @@ MAX_SEED = 2**32 - 1
 MAX_STOP_WORDS = 16
 MAX_STOP_WORD_CHARS = 64
 MAX_SYSTEM_PROMPT_CHARS = 8_000
+MAX_ADAPTER_NAME_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class GenerationSettings:
     num_beams: int = 4
     stop_words: tuple[str, ...] = ()
     system_prompt: str = "You are a helpful assistant."
+    adapter: str = ""  # a LoRA adapter given at launch (--lora); "" is the base model
 
     def validated(self, limits: ServerLimits) -> GenerationSettings:
         """Return these settings checked against `limits`; raise InvalidSettings naming the field."""
@@ -69,6 +71,9 @@ class GenerationSettings:
                 raise InvalidSettings("stop_words", f"each at most {MAX_STOP_WORD_CHARS} characters")
         if not isinstance(self.system_prompt, str) or len(self.system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
             raise InvalidSettings("system_prompt", f"must be text of at most {MAX_SYSTEM_PROMPT_CHARS} chars")
+        # Which names exist depends on the model: the chat service checks that.
+        if not isinstance(self.adapter, str) or len(self.adapter) > MAX_ADAPTER_NAME_CHARS:
+            raise InvalidSettings("adapter", f"must be a name of at most {MAX_ADAPTER_NAME_CHARS} chars")
         return self
 
     def with_seed(self) -> GenerationSettings:

@@ -34,7 +34,7 @@ from backend.generation import (
     stream_generate,
 )
 from backend.hub import resolve_model_dir
-from backend.loading import ModelSpec, ProgressFn, plan_placement, quantization_config
+from backend.loading import ModelSpec, ProgressFn, plan_placement, quantization_config, remote_code
 from backend.prompting import Turn, context_window, vicuna_prompt
 from backend.replies import Reply, replies_from_updates
 from backend.settings import GenerationSettings
@@ -108,11 +108,12 @@ def load_vision_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Lo
     report = progress or (lambda stage, fraction: None)
     started = time.perf_counter()
     path = vision_model_files(spec, report)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    trust = remote_code(spec)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     family = detect_family(config)
     plan, dtype, notes = plan_placement(spec, config, AutoModelForImageTextToText)
     report(f"Loading processor from {path}", None)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
     if family in BLIP_FAMILIES:
         _check_blip_checkpoint(config, processor, notes)
     report(f"Loading weights ({spec.quantization}, {str(dtype).removeprefix('torch.')})", None)
@@ -121,7 +122,7 @@ def load_vision_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Lo
         dtype=dtype,
         device_map=plan.device_map,
         quantization_config=quantization_config(spec.quantization, dtype, plan.offloaded),
-        trust_remote_code=False,
+        trust_remote_code=trust,
         use_safetensors=True,
         offload_folder=spec.offload_dir,
     )

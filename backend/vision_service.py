@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from backend.chat_service import ChatService
 from backend.errors import BadInput
 from backend.images import ImageLimits, load_image
-from backend.model_holder import ModelHolder
+from backend.model_holder import ModelHolder, RequestCounter
 from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
@@ -37,6 +37,9 @@ class VisionService:
         self.chat = chat
         self.limits = limits
         self.image_limits = images
+        # Streams run in the callers' threads, each holding the model: a switch waits for them to end.
+        self.running = RequestCounter()
+        holder.register_requests(self.running, lambda reason: None)
 
     def family(self) -> str:
         return self.holder.get().family
@@ -47,7 +50,7 @@ class VisionService:
         if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
             raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
         image = load_image(image_source, self.image_limits)
-        return caption_stream(self.holder.get(), image, prompt.strip(), settings)
+        return self.running.track(caption_stream(self.holder.get(), image, prompt.strip(), settings))
 
     def choose_pipeline(self, requested: str) -> str:
         if requested not in PIPELINES:
@@ -76,10 +79,10 @@ class VisionService:
         image = load_image(image_source, self.image_limits)
         if chosen == "vision":
             replies = chat_with_image_stream(self.holder.get(), image, history, message, settings)
-            return VisualReply("vision", None, replies)
+            return VisualReply("vision", None, self.running.track(replies))
         caption_settings = replace(CAPTION_SETTINGS, seed=0)
         description = ""
-        for reply in caption_stream(self.holder.get(), image, "", caption_settings):
+        for reply in self.running.track(caption_stream(self.holder.get(), image, "", caption_settings)):
             description = reply.text
         if not description.strip():
             description = "(the captioning model returned no description)"

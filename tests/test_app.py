@@ -54,6 +54,7 @@ def test_named_endpoints_are_exposed(client):
         "repetition_penalty",
         "num_beams",
         "stop_words",
+        "adapter",
     }
 
 

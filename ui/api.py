@@ -8,7 +8,8 @@ import gradio as gr
 
 from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits
-from ui.handlers import api_stream
+from backend.zero_gpu import on_gpu
+from ui.handlers import api_stream, metered
 
 D = GenerationSettings()
 
@@ -18,9 +19,13 @@ def settings_values(arguments: dict) -> dict:
     return {name: arguments[name] for name in GenerationSettings.field_names() if name in arguments}
 
 
-def register_api(service, vision, limits: ServerLimits, concurrency: int) -> None:
-    """Call inside the Blocks context. Parameters mirror GenerationSettings (checked by a test)."""
+def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_limit=None) -> None:
+    """Call inside the Blocks context. Parameters mirror GenerationSettings (checked by a test).
 
+    `rate_limit`: a backend.rate_limit.ClientRateLimit every call counts against, or None.
+    """
+
+    @on_gpu
     def chat(
         message: str,
         system_prompt: str = D.system_prompt,
@@ -33,13 +38,17 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
         repetition_penalty: float = D.repetition_penalty,
         num_beams: int = D.num_beams,
         stop_words: str = "",
+        adapter: str = D.adapter,
+        request: gr.Request = None,
     ) -> Iterator[str]:
         """Reply to one message (no history). stop_words: one per line. Streams the reply so far."""
         values = settings_values(locals())
+        chat_service = metered(service, rate_limit, request)
         yield from api_stream(
-            lambda: service.chat(message, [], GenerationSettings.from_inputs(values, limits))
+            lambda: chat_service.chat(message, [], GenerationSettings.from_inputs(values, limits))
         )
 
+    @on_gpu
     def complete(
         text: str,
         seed: int = D.seed,
@@ -51,11 +60,17 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
         repetition_penalty: float = D.repetition_penalty,
         num_beams: int = D.num_beams,
         stop_words: str = "",
+        adapter: str = D.adapter,
+        request: gr.Request = None,
     ) -> Iterator[str]:
         """Continue `text` as is (no chat template). Streams the continuation only."""
         values = settings_values(locals())
-        yield from api_stream(lambda: service.complete(text, GenerationSettings.from_inputs(values, limits)))
+        chat_service = metered(service, rate_limit, request)
+        yield from api_stream(
+            lambda: chat_service.complete(text, GenerationSettings.from_inputs(values, limits))
+        )
 
+    @on_gpu
     def next_tokens(
         text: str,
         temperature: float = 1.0,
@@ -63,6 +78,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         n: int = 10,
+        request: gr.Request = None,
     ) -> dict:
         """Top-n next tokens after `text` (raw, BOS as the tokenizer adds it): p_raw and p_final."""
         settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -70,12 +86,13 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
             checked = GenerationSettings.from_inputs(
                 {**settings, "repetition_penalty": repetition_penalty}, limits
             )
-            return service.next_tokens(text, checked, int(n)).to_dict()
+            return metered(service, rate_limit, request).next_tokens(text, checked, int(n)).to_dict()
         except UserError as error:
             raise gr.Error(str(error)) from None
 
     gr.api(next_tokens, api_name="next_tokens", concurrency_id="inspector")
 
+    @on_gpu
     def caption(
         image: gr.FileData,
         prompt: str = "",
@@ -88,6 +105,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
         repetition_penalty: float = D.repetition_penalty,
         num_beams: int = D.num_beams,
         stop_words: str = "",
+        request: gr.Request = None,
     ) -> Iterator[str]:
         """Caption `image`, or answer `prompt` about it. Streams the caption so far."""
         values = settings_values(locals())
@@ -96,7 +114,8 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int) -> Non
         def replies():
             if vision is None:
                 raise BadInput("Images are turned off on this server (started with --vision-model none).")
-            return vision.caption(path, prompt, GenerationSettings.from_inputs(values, limits))
+            settings = GenerationSettings.from_inputs(values, limits)
+            return metered(vision, rate_limit, request).caption(path, prompt, settings)
 
         yield from api_stream(replies)
 

@@ -26,6 +26,8 @@ def banner_markdown(models: list[tuple[str, object]]) -> str:
                 reasons.append(f"_{status.fallback_reason}._")
         else:
             lines.append(f"✅ {role.capitalize()} model: `{holder.loaded_name}`")
+        if status.state == "ready" and getattr(status, "note", None):
+            lines.append(f"⚠️ {status.note}")
     if demo_roles:
         lines.insert(0, f"⚠️ **Demo mode ({' and '.join(demo_roles)}).** {DEMO_HELP}")
     return "\n\n".join(lines + reasons)

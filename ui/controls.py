@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gradio as gr
@@ -15,12 +15,13 @@ NEUTRAL = {"top_k": 0, "repetition_penalty": 1.0, "num_beams": 1}
 
 
 def build_controls(
-    limits: ServerLimits, unsupported: Mapping[str, str] | None = None
+    limits: ServerLimits, unsupported: Mapping[str, str] | None = None, adapters: Sequence[str] = ()
 ) -> dict[str, gr.components.Component]:
     """Create the controls inside the current Blocks context, keyed by settings field name.
 
     `unsupported` maps fields the engine does not take (a remote backend) to why: those controls are
     disabled at their neutral value with the reason as info; "mode" loses its beam choice instead.
+    `adapters`: the LoRA adapters a request may name (the allowlist set at launch); none hides the control.
     """
     unsupported = dict(unsupported or {})
 
@@ -90,5 +91,14 @@ def build_controls(
         lines=2,
         placeholder="One per line; \\n for a newline",
         info="The reply ends before the first stop word; it is never shown.",
+    )
+    named = [name for name in adapters if name]
+    controls["adapter"] = gr.Dropdown(
+        [("none (base model)", "")] + [(name, name) for name in named],
+        value=DEFAULTS.adapter,
+        label="Adapter",
+        info="A LoRA adapter on the chat model, for this request only.",
+        visible=bool(named),
+        elem_id="adapter",
     )
     return controls

@@ -9,12 +9,13 @@ import gradio as gr
 
 from backend.images import describe_limits
 from backend.settings import ServerLimits
+from backend.zero_gpu import on_gpu
 from ui.api import register_api
 from ui.banner import banner_markdown
 from ui.caption_tab import build_caption_tab, wire_caption
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat
-from ui.handlers import chat_turn, complete_text, regenerate, undo
+from ui.handlers import chat_turn, complete_text, metered, regenerate, undo
 from ui.inspector_tab import build_inspector_tab, wire_inspector
 from ui.system_tab import build_system_tab
 from ui.visual_chat import PIPELINE_CHOICES, needs_vision_model, visual_turn
@@ -26,10 +27,13 @@ TITLE = "Chat & caption playground"
 EMPTY_BOX = {"text": "", "files": []}
 
 
-def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupported=None) -> gr.Blocks:
+def build_ui(
+    service, vision, limits: ServerLimits, concurrency: int, unsupported=None, rate_limit=None
+) -> gr.Blocks:
     """`service` is a backend ChatService and `vision` a VisionService, or None when images are off.
 
     Duck-typed: ui/ never imports torch. `unsupported`: settings a remote backend does not take, and why.
+    `rate_limit`: a backend.rate_limit.ClientRateLimit that generation requests count against, or None.
     """
     holder = service.holder
     models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])
@@ -91,9 +95,9 @@ def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupporte
                         stop_completion = gr.Button("Stop", variant="stop", elem_id="stop-completion")
                 caption_tab = build_caption_tab(describe_limits(vision.image_limits)) if vision else None
                 inspector = build_inspector_tab()
-                build_system_tab(demo, service)
+                switches = build_system_tab(demo, service, vision.holder if vision else None)
             with gr.Column(scale=1, min_width=280), gr.Accordion("Generation settings", open=True):
-                controls = build_controls(limits, unsupported)
+                controls = build_controls(limits, unsupported, getattr(service, "adapters", ()))
 
         control_inputs = set(controls.values())
         generation = {
@@ -110,25 +114,34 @@ def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupporte
             """Back into the multimodal box: a refused message keeps its text and images."""
             return {"text": text, "files": files if text else []}
 
-        def on_chat(data):
+        @on_gpu
+        def on_chat(data, request: gr.Request = None):
             value = data[message] or {}
             text, files = value.get("text") or "", list(value.get("files") or [])
             history, values = data[chatbot], values_of(data)
             if needs_vision_model(vision, history, files, data[pipeline]):
+                answering = metered(vision, rate_limit, request)
                 turns = visual_turn(
-                    vision, limits, text, files, history, values, data[pipeline], data[colour]
+                    answering, limits, text, files, history, values, data[pipeline], data[colour]
                 )
             else:
-                turns = chat_turn(service, limits, text, history, values, data[colour])
+                turns = chat_turn(
+                    metered(service, rate_limit, request), limits, text, history, values, data[colour]
+                )
             for box, new_history, view in turns:
                 yield as_box(box, files), new_history, view
 
-        def on_retry(data, event: gr.RetryData):
-            yield from regenerate(service, limits, data[chatbot], event.index, values_of(data), data[colour])
-
-        def on_edit(data, event: gr.EditData):
+        @on_gpu
+        def on_retry(data, event: gr.RetryData, request: gr.Request = None):
+            answering = metered(service, rate_limit, request)
             yield from regenerate(
-                service,
+                answering, limits, data[chatbot], event.index, values_of(data), data[colour]
+            )
+
+        @on_gpu
+        def on_edit(data, event: gr.EditData, request: gr.Request = None):
+            yield from regenerate(
+                metered(service, rate_limit, request),
                 limits,
                 data[chatbot],
                 event.index,
@@ -141,8 +154,11 @@ def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupporte
             text, kept = undo(history, event.index)
             return {"text": text, "files": []}, kept
 
-        def on_complete(data):
-            yield from complete_text(service, limits, data[text], values_of(data))
+        @on_gpu
+        def on_complete(data, request: gr.Request = None):
+            yield from complete_text(
+                metered(service, rate_limit, request), limits, data[text], values_of(data)
+            )
 
         def on_export(data):
             path = export_chat(data[chatbot], values_of(data), holder.loaded_name, limits)
@@ -178,8 +194,10 @@ def build_ui(service, vision, limits: ServerLimits, concurrency: int, unsupporte
 
         timer.tick(refresh_banner, None, [banner_box, timer], queue=False, **private)
         demo.load(refresh_banner, None, [banner_box, timer], queue=False, **private)
+        for switch in switches:  # the banner follows a model switch as it follows the first load
+            switch.then(refresh_banner, None, [banner_box, timer], queue=False, **private)
         if caption_tab is not None:
-            wire_caption(vision, limits, caption_tab, controls, generation)
+            wire_caption(vision, limits, caption_tab, controls, generation, rate_limit)
         wire_inspector(service, limits, inspector, controls, chatbot)
-        register_api(service, vision, limits, concurrency)
+        register_api(service, vision, limits, concurrency, rate_limit)
     return demo

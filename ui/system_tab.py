@@ -7,6 +7,8 @@ import html
 import gradio as gr
 import pandas as pd
 
+from backend.errors import UserError
+
 # Bar colours: weights, room kept for the KV cache and activations.
 WEIGHTS_COLOUR, RESERVED_COLOUR, OVER_COLOUR = "#3b82f6", "#f59e0b", "#dc2626"
 
@@ -129,9 +131,36 @@ def history_frame(snapshot) -> pd.DataFrame:
     return pd.DataFrame({"seconds ago": [-ago for ago, _ in rows], "tokens/s": [tps for _, tps in rows]})
 
 
-def build_system_tab(demo: gr.Blocks, service) -> None:
-    """Call inside a gr.Tabs context."""
+def build_model_switch(role: str, holder) -> gr.events.Dependency | None:
+    """A dropdown of the models allowed at launch and a Switch button; None when there is no choice."""
+    choices = list(getattr(holder, "choices", ()))
+    if len(choices) < 2:
+        return None
+    with gr.Row():
+        model = gr.Dropdown(
+            choices,
+            value=holder.spec.name,
+            label=f"{role.capitalize()} model",
+            elem_id=f"switch-{role}-model",
+        )
+        button = gr.Button(f"Switch {role} model", elem_id=f"switch-{role}", scale=0)
+
+    def switch(name: str) -> None:
+        try:
+            holder.switch(name)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+        gr.Info(f"Switching the {role} model to {name}; the banner shows the progress.")
+
+    return button.click(switch, model, None, api_visibility="private")  # queued: gr.Info needs it
+
+
+def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.events.Dependency]:
+    """Call inside a gr.Tabs context. Returns the model switch events, for the banner to follow."""
     with gr.Tab("System", id="system"):
+        switches = [build_model_switch("chat", service.holder)]
+        if vision_holder is not None:
+            switches.append(build_model_switch("vision", vision_holder))
         model_info = gr.Markdown(elem_id="system-model")
         plan = gr.HTML(elem_id="system-plan")
         stats = gr.Markdown(elem_id="system-stats")
@@ -157,3 +186,4 @@ def build_system_tab(demo: gr.Blocks, service) -> None:
     timer = gr.Timer(2.0)
     timer.tick(refresh, None, outputs, api_visibility="private", queue=False)
     demo.load(refresh, None, outputs, api_visibility="private", queue=False)
+    return [event for event in switches if event is not None]

@@ -1,0 +1,197 @@
+"""LoRA adapters: built here with PEFT, loaded on fp32 and 4-bit bases, chosen per request and per row."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from backend.adapters import AdapterSpec, parse_adapter, parse_adapters, rows_using
+from backend.app_config import parse_config
+from backend.chat_service import ChatService
+from backend.engine import EngineLimits
+from backend.errors import InvalidSettings
+from backend.generation import generate_beam, stream_generate
+from backend.loading import ModelSpec
+from backend.model_holder import ModelHolder
+from backend.settings import GenerationSettings, ServerLimits
+from ui.controls import build_controls
+
+LIMITS = ServerLimits()
+GREEDY = GenerationSettings(seed=0, mode="greedy", max_new_tokens=12, repetition_penalty=1.0)
+PROMPTS = ["Hello there", "The weather today is", "Tell me a story"]
+
+
+def build_adapter(base_dir: Path, target: Path, seed: int) -> Path:
+    """A tiny LoRA whose B weights are non-zero (PEFT starts them at zero), so it changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    model.save_pretrained(target)
+    return target
+
+
+def build_misfit_adapter(target: Path) -> Path:
+    """A LoRA for a wider model than the demo: it must be left out, not break loading."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_text_dir, tmp_path_factory) -> tuple[AdapterSpec, ...]:
+    root = tmp_path_factory.mktemp("adapters")
+    return (
+        AdapterSpec("alpha", str(build_adapter(demo_text_dir, root / "alpha", seed=1))),
+        AdapterSpec("beta", str(build_adapter(demo_text_dir, root / "beta", seed=2))),
+        AdapterSpec("wide", str(build_misfit_adapter(root / "wide"))),
+    )
+
+
+@pytest.fixture(scope="module", params=["none", "4bit"])
+def service(request, demo_text_dir, adapters) -> ChatService:
+    spec = ModelSpec(str(demo_text_dir), quantization=request.param, dtype="float32", adapters=adapters)
+    holder = ModelHolder(spec, fallback_to_demo=False)
+    assert holder.load().state == "ready", holder.status().stage
+    service = ChatService(holder, LIMITS, EngineLimits(max_batch_size=8, gather_seconds=0.3))
+    yield service
+    service.release("test over")
+
+
+def settings_with(**changes) -> GenerationSettings:
+    return GenerationSettings(**{**GREEDY.to_dict(), "stop_words": (), **changes})
+
+
+def complete(service: ChatService, text: str, **changes) -> str:
+    return list(service.complete(text, settings_with(**changes)))[-1].text
+
+
+def test_adapter_flags_and_their_checks(adapters, tmp_path):
+    alpha, beta = adapters[0], adapters[1]
+    assert parse_adapter(alpha.path) == alpha  # named after its directory
+    assert parse_adapter(f"mine={alpha.path}") == AdapterSpec("mine", alpha.path)
+    with pytest.raises(ValueError, match="named 'alpha'"):
+        parse_adapters([alpha.path, f"alpha={beta.path}"])
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        parse_adapter(str(tmp_path))
+    with pytest.raises(ValueError, match="adapter name"):
+        parse_adapter(f"bad name={alpha.path}")
+    config = parse_config(["--lora", alpha.path, "--lora", f"b={beta.path}"], has_gpu=False, env={})
+    assert [a.name for a in config.adapters] == ["alpha", "b"]
+    from_env = parse_config([], has_gpu=False, env={"PLAYGROUND_LORA": f"{alpha.path},b={beta.path}"})
+    assert from_env.adapters == config.adapters
+    with pytest.raises(SystemExit):
+        parse_config(["--lora", str(tmp_path)], has_gpu=False, env={})
+
+
+def test_adapters_load_on_fp32_and_4bit_bases_and_change_the_reply(service):
+    loaded = service.holder.get()
+    assert loaded.adapters == ("alpha", "beta")  # "wide" does not fit the demo model: left out, with a note
+    assert any("'wide' does not fit" in note for note in loaded.notes)
+    if loaded.spec.quantization == "4bit":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    assert service.adapters == ("", "alpha", "beta", "wide")  # what was given at launch
+    base, alpha, beta = (complete(service, PROMPTS[1], adapter=name) for name in ("", "alpha", "beta"))
+    assert len({base, alpha, beta}) == 3
+    assert complete(service, PROMPTS[1]) == base  # no adapter named: the base model
+    inspected = [service.next_tokens(PROMPTS[1], settings_with(adapter=name), 3) for name in ("", "alpha")]
+    assert inspected[0].tokens != inspected[1].tokens  # the Inspector shows the adapter's distribution
+
+
+def test_each_row_of_one_batch_uses_its_own_adapter(service, monkeypatch):
+    loaded = service.holder.get()
+    forwards = {"n": 0}
+    original = loaded.model.forward
+
+    def counting(*args, **kwargs):
+        forwards["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    names = ["alpha", "", "beta", "alpha", ""]
+    jobs = [(PROMPTS[0], name) for name in names[:3]] + [(PROMPTS[1], "alpha"), (PROMPTS[2], "")]
+    streams = [service.complete(text, settings_with(adapter=name)) for text, name in jobs]
+    results = [None] * len(streams)
+
+    def drain(index):
+        results[index] = list(streams[index])[-1]
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # One prefill for all (the engine gathers arrivals), then one step per token: one batch.
+    assert forwards["n"] <= GREEDY.max_new_tokens
+    monkeypatch.undo()
+    assert len({result.text for result in results[:3]}) == 3  # one prompt, three adapters, three replies
+    for (text, name), result in zip(jobs, results, strict=True):
+        prompt = loaded.tokenizer(text)["input_ids"]
+        with rows_using([name]):
+            alone = list(stream_generate(loaded.model, loaded.tokenizer, prompt, GREEDY))[-1]
+        assert result.text.strip() == alone.text.strip(), (text, name)
+
+
+def test_a_beam_search_beside_the_batch_keeps_its_own_adapter(service, monkeypatch):
+    """Beams run in their own thread while the batch decodes on the base model: neither sees the other's."""
+    loaded = service.holder.get()
+    original = loaded.model.forward
+
+    def slow(*args, **kwargs):  # the batch's steps only: generate() does not call the wrapper's forward
+        time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", slow)
+    batch = service.complete(PROMPTS[1], settings_with(max_new_tokens=30))
+    next(batch)  # decoding
+    beam_settings = settings_with(mode="beam", num_beams=3, max_new_tokens=8)
+    beam = list(service.complete(PROMPTS[0], replace(beam_settings, adapter="alpha")))[-1].text
+    assert service.in_flight() == 1  # the batch was still running beside the beam search
+    batch_text = list(batch)[-1].text
+    monkeypatch.undo()
+    assert beam != complete(service, PROMPTS[0], mode="beam", num_beams=3, max_new_tokens=8)
+    prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    with rows_using(["alpha"]):
+        assert generate_beam(loaded.model, loaded.tokenizer, prompt, beam_settings).text == beam
+    assert batch_text == complete(service, PROMPTS[1], max_new_tokens=30)
+
+
+def test_an_adapter_outside_the_allowlist_is_refused_naming_the_field(service):
+    for name in ("gamma", "wide", "__base__"):
+        with pytest.raises(InvalidSettings, match="'adapter'.*choose one of '', 'alpha', 'beta'"):
+            service.complete("Hi", GenerationSettings(adapter=name))
+    with pytest.raises(InvalidSettings, match="'adapter'"):
+        GenerationSettings(adapter="x" * 65).validated(LIMITS)
+    with pytest.raises(InvalidSettings, match="'adapter'"):
+        GenerationSettings.from_inputs({"adapter": 3}, LIMITS)
+
+
+def test_the_adapter_control_lists_the_allowlist_and_hides_without_one():
+    with gr.Blocks():
+        plain = build_controls(LIMITS)["adapter"]
+        chosen = build_controls(LIMITS, adapters=("", "alpha", "beta"))["adapter"]
+    assert not plain.visible and chosen.visible
+    assert [value for _, value in chosen.choices] == ["", "alpha", "beta"]
