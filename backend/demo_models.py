@@ -162,17 +162,3 @@ def install_atomically(target: Path, build: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build_demo_text_model(tmp)
-        if target.exists() and not is_demo_model_dir(target):
-            shutil.rmtree(target, ignore_errors=True)  # leftover of a non-atomic/interrupted build
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_demo_model_dir(target):  # not a lost race with another builder: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

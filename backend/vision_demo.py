@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +21,6 @@ from backend.demo_models import (
     _build_tokenizer,
     default_cache_root,
     install_atomically,
-    is_demo_model_dir,
 )
 
 DEMO_BLIP2 = "demo:tiny-blip2"
@@ -270,17 +266,3 @@ def demo_vision_model_dir(name: str, cache_root: Path | None = None) -> Path:
     root = Path(cache_root if cache_root is not None else default_cache_root())
     target = root / "demo" / f"{name.removeprefix('demo:')}-v{_VERSION}"
     return install_atomically(target, lambda folder: build_demo_vision_model(name, folder))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build_demo_vision_model(name, tmp)
-        if target.exists() and not is_demo_model_dir(target):
-            shutil.rmtree(target, ignore_errors=True)  # leftover of an interrupted build
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_demo_model_dir(target):  # not a lost race with another builder: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
