@@ -12,34 +12,12 @@ from backend.errors import BadInput, ContextOverflow, InvalidSettings, ModelNotR
 from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
-from backend.replies import Reply, replies_from_updates
+from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.settings import GenerationSettings, ServerLimits
 
 log = logging.getLogger(__name__)
 
 MODEL_SWITCHED = "The model was switched; please resend your message."
-
-
-class ReplyStream:
-    """The replies of one queued request. Closing or dropping it cancels the request, also before
-    the first reply: a generator that never started would not run its cleanup."""
-
-    def __init__(self, replies: Iterator[Reply], handle):
-        self._replies = replies
-        self._handle = handle
-
-    def __iter__(self) -> ReplyStream:
-        return self
-
-    def __next__(self) -> Reply:
-        return next(self._replies)
-
-    def close(self) -> None:
-        self._replies.close()
-        self._handle.cancel()
-
-    def __del__(self) -> None:
-        self._handle.cancel()  # harmless once the request has finished
 
 
 def check_adapter(loaded, name: str) -> None:
@@ -96,7 +74,7 @@ class ChatService:
 
         Not a generator itself: bad input raises here, before the caller shows anything.
         """
-        self._check_text("Message", message)
+        self.limits.check_text("Message", message)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
@@ -106,21 +84,13 @@ class ChatService:
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
         """Continue `text` as is, no chat template; the stream holds only the continuation."""
-        self._check_text("Text", text)
+        self.limits.check_text("Text", text)
         settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
         budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
         prompt = build_raw_prompt(loaded.tokenizer, text, budget)
         return self._run(loaded, prompt, settings, strip_leading_space=False)
-
-    def _check_text(self, what: str, text: str) -> None:
-        if not isinstance(text, str) or not text.strip():
-            raise BadInput(f"{what} is empty: type something to send.")
-        if len(text) > self.limits.max_input_chars:
-            raise BadInput(
-                f"{what} is {len(text):,} characters; the limit is {self.limits.max_input_chars:,}."
-            )
 
     def _run(
         self, loaded, prompt: Prompt, settings: GenerationSettings, strip_leading_space: bool
@@ -133,10 +103,10 @@ class ChatService:
         submit = engine.submit_beam if settings.mode == "beam" else engine.submit
         handle = submit(prompt.ids, settings)  # queued now: a full queue refuses before anything is shown
         return ReplyStream(
-            self._counted(
+            self.stats.counted(
                 replies_from_updates(iter(handle), settings, notice, len(prompt.ids), strip_leading_space)
             ),
-            handle,
+            handle.cancel,
         )
 
     def engine(self, loaded) -> Engine:
@@ -149,22 +119,6 @@ class ChatService:
                     self._engine.close(MODEL_SWITCHED)
                 self._engine = Engine(loaded.model, loaded.tokenizer, self.engine_limits)
             return self._engine
-
-    def _counted(self, replies: Iterator[Reply]) -> Iterator[Reply]:
-        """Feed the live stats; a closed stream (Stop, disconnect) counts as cancelled."""
-        self.stats.started()
-        outcome, counted = "cancelled", 0
-        try:
-            for reply in replies:
-                self.stats.add_tokens(reply.new_tokens - counted)
-                counted = reply.new_tokens
-                yield reply
-            outcome = "finished"
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            self.stats.ended(outcome)
 
     def inspector(self) -> Inspector:
         loaded = self.holder.get()

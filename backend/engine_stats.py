@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 WINDOW_SECONDS = 120
@@ -48,6 +49,22 @@ class EngineStats:
             else:
                 self._buckets.append([second, count])
             self._drop_old(second)
+
+    def counted(self, replies: Iterator) -> Iterator:
+        """Pass `replies` through, counting them; a closed stream (Stop, disconnect) counts as cancelled."""
+        self.started()
+        outcome, seen = "cancelled", 0
+        try:
+            for reply in replies:
+                self.add_tokens(reply.new_tokens - seen)
+                seen = reply.new_tokens
+                yield reply
+            outcome = "finished"
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.ended(outcome)
 
     def snapshot(self) -> StatsSnapshot:
         now = int(self._clock())

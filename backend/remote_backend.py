@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
-import httpx
 from PIL import Image
 
 from backend.engine_stats import EngineStats
@@ -27,7 +26,7 @@ from backend.model_holder import LoadStatus
 from backend.openai_client import BackendError, OpenAIClient
 from backend.prompting import Turn, chat_messages
 from backend.remote_capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
-from backend.replies import Reply
+from backend.replies import Reply, ReplyStream
 from backend.settings import GenerationSettings, ServerLimits
 from backend.vision_service import PIPELINES, VisualReply
 
@@ -123,41 +122,6 @@ class RemoteHolder:
         return self._status
 
 
-class RemoteStream:
-    """The replies of one remote request; close() hangs up, which cancels the generation on the server."""
-
-    def __init__(self, replies: Iterator[Reply], response: httpx.Response | None):
-        self._replies, self._response = replies, response
-
-    def __iter__(self) -> RemoteStream:
-        return self
-
-    def __next__(self) -> Reply:
-        return next(self._replies)
-
-    def close(self) -> None:
-        self._replies.close()
-        if self._response is not None:
-            self._response.close()
-
-
-def counted(stats: EngineStats, replies: Iterator[Reply]) -> Iterator[Reply]:
-    """Feed the System tab's numbers, as ChatService does: a closed stream counts as cancelled."""
-    stats.started()
-    outcome, seen = "cancelled", 0
-    try:
-        for reply in replies:
-            stats.add_tokens(reply.new_tokens - seen)
-            seen = reply.new_tokens
-            yield reply
-        outcome = "finished"
-    except Exception:
-        outcome = "failed"
-        raise
-    finally:
-        stats.ended(outcome)
-
-
 class RemoteChatService:
     """ChatService's public interface over an OpenAI-compatible server."""
 
@@ -168,13 +132,13 @@ class RemoteChatService:
         self.stats = EngineStats()
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
-        self._check_text("Message", message)
+        self.limits.check_text("Message", message)
         settings = settings.validated(self.limits).with_seed()
         messages = chat_messages(settings.system_prompt, history, message.strip())
         return self._run("/chat/completions", {"messages": messages}, settings, chat=True)
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
-        self._check_text("Text", text)
+        self.limits.check_text("Text", text)
         settings = settings.validated(self.limits).with_seed()
         return self._run("/completions", {"prompt": text}, settings, chat=False)
 
@@ -206,14 +170,6 @@ class RemoteChatService:
     def chat_context(self, history: list[Turn], system_prompt: str) -> str:
         raise BadInput(NOT_HERE)
 
-    def _check_text(self, what: str, text: str) -> None:
-        if not isinstance(text, str) or not text.strip():
-            raise BadInput(f"{what} is empty: type something to send.")
-        if len(text) > self.limits.max_input_chars:
-            raise BadInput(
-                f"{what} is {len(text):,} characters; the limit is {self.limits.max_input_chars:,}."
-            )
-
     def _run(self, path: str, body: dict, settings: GenerationSettings, chat: bool) -> Iterator[Reply]:
         """Send now, so that a refusal raises before the caller shows anything; stream the rest."""
         if settings.adapter:
@@ -227,11 +183,13 @@ class RemoteChatService:
         payload |= {"model": model.name, **body}
         started = time.perf_counter()
         if settings.mode == "beam":  # whole, like local beams; vLLM returns n beams, best first
-            return counted(self.stats, self._beam(path, payload, settings, chat, notice))
+            return self.stats.counted(self._beam(path, payload, settings, chat, notice))
         payload |= {"stream": True, "stream_options": {"include_usage": True}}
         response = self.client.open_stream(path, payload)
         replies = self._streamed(response, settings, chat, notice, started)
-        return RemoteStream(counted(self.stats, replies), response)
+        return ReplyStream(
+            self.stats.counted(replies), response.close if response is not None else lambda: None
+        )
 
     def _streamed(self, response, settings, chat: bool, notice, started: float) -> Iterator[Reply]:
         text, pieces, finish, usage, first = "", 0, None, {}, None
@@ -325,11 +283,6 @@ class RemoteVisionService:
         pipeline: str = "auto",
     ) -> VisualReply:
         chosen = self.choose_pipeline(pipeline)
-        if not isinstance(message, str) or not message.strip():
-            raise BadInput("Message is empty: type something to send.")
-        if len(message) > self.limits.max_input_chars:
-            raise BadInput(
-                f"Message is {len(message):,} characters; the limit is {self.limits.max_input_chars:,}."
-            )
+        self.limits.check_text("Message", message)
         image = load_image(image_source, self.image_limits)
         return VisualReply(chosen, None, self.chat.image_chat(message, image, history, settings, pipeline))

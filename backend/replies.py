@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -74,3 +74,25 @@ def replies_from_updates(
             tokens=tuple(tokens) if update.finished else (),
             prompt_tokens=prompt_tokens,
         )
+
+
+class ReplyStream:
+    """The replies of one request and what ends it. Closing or dropping the stream calls `end`,
+    also before the first reply, when a generator's own cleanup would never run."""
+
+    def __init__(self, replies: Iterator[Reply], end: Callable[[], object]):
+        self._replies = replies
+        self._end = end
+
+    def __iter__(self) -> ReplyStream:
+        return self
+
+    def __next__(self) -> Reply:
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._replies.close()
+        self._end()
+
+    def __del__(self) -> None:
+        self._end()  # harmless once the request has finished

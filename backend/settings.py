@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from backend.errors import InvalidSettings
+from backend.errors import BadInput, InvalidSettings
 
 Mode = Literal["sample", "greedy", "beam"]
 MODES: tuple[str, ...] = ("sample", "greedy", "beam")
@@ -29,6 +29,13 @@ class ServerLimits:
     max_new_tokens: int = 1024
     max_input_chars: int = 20_000
     max_num_beams: int = 8
+
+    def check_text(self, what: str, text: str) -> None:
+        """`what` ("Message", "Text") must be non-blank text within max_input_chars."""
+        if not isinstance(text, str) or not text.strip():
+            raise BadInput(f"{what} is empty: type something to send.")
+        if len(text) > self.max_input_chars:
+            raise BadInput(f"{what} is {len(text):,} characters; the limit is {self.max_input_chars:,}.")
 
 
 @dataclass(frozen=True)

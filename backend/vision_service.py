@@ -70,12 +70,7 @@ class VisionService:
         """Answer `message` about the image (the newest one in the conversation)."""
         chosen = self.choose_pipeline(pipeline)
         settings = settings.validated(self.limits)
-        if not isinstance(message, str) or not message.strip():
-            raise BadInput("Message is empty: type something to send.")
-        if len(message) > self.limits.max_input_chars:
-            raise BadInput(
-                f"Message is {len(message):,} characters; the limit is {self.limits.max_input_chars:,}."
-            )
+        self.limits.check_text("Message", message)
         image = load_image(image_source, self.image_limits)
         if chosen == "vision":
             replies = chat_with_image_stream(self.holder.get(), image, history, message, settings)
