@@ -166,8 +166,33 @@ def chat_once(page, text: str) -> tuple[str, str]:
 # --- the tests ----------------------------------------------------------------------------------
 
 
-def test_chat_reply_streams_in_and_completes(page):
+def long_reply_seed(url: str, message: str, max_new_tokens: int) -> int:
+    """A seed whose reply (UI defaults otherwise) runs long: the random demo model may end after a
+    few tokens, too soon to see the reply stream."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    for seed in range(40):
+        reply = client.predict(message=message, seed=seed, max_new_tokens=max_new_tokens, api_name="/chat")
+        if len(reply) >= 120:
+            return seed
+    raise AssertionError("no seed in 0..39 gives a long reply")
+
+
+def test_chat_reply_streams_in_and_completes(page, server, monkeypatch):
+    seed = long_reply_seed(server[0], "Hello there", 96)
+    model = server[1][0].get().model
+    original = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.01)  # ~1 s for the reply: long enough to see it grow at any machine load
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     set_max_new_tokens(page, 96)
+    seed_box = page.get_by_label("Seed", exact=True)
+    seed_box.fill(str(seed))
+    seed_box.press("Enter")
     send(page, "Hello there")
     reply = page.locator(REPLIES).first
     seen: set[str] = set()
@@ -182,7 +207,7 @@ def test_chat_reply_streams_in_and_completes(page):
     assert final.strip(), "the reply is empty"
     # Shown as markdown, so a partial reply need not be a prefix of the final one: compare lengths.
     assert any(0 < len(text) < len(final) for text in seen), "the reply did not stream: no partial reply"
-    assert "sample" in stats
+    assert "sample" in stats and f"seed {seed}" in stats
     expect(page.locator("[data-testid='user']")).to_have_text("Hello there")
 
 
