@@ -126,8 +126,10 @@ class RequestState:
         n > 1 only for rows whose requests share `warper_key`: their warpers are the same function.
         """
         scores = mask_unknown_tokens(logits.float(), self.vocab_size)
-        history = torch.tensor([self.history] * scores.shape[0], dtype=torch.long, device=scores.device)
-        return self.processors(history, scores)
+        # Only the repetition penalty reads past tokens; skip building them every step otherwise.
+        past = self.history if self.settings.repetition_penalty != 1.0 else []
+        history = torch.tensor([past] * scores.shape[0], dtype=torch.long, device=scores.device)
+        return self.processors(history.view(scores.shape[0], len(past)), scores)
 
     @property
     def warper_key(self) -> tuple | None:
