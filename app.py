@@ -34,6 +34,7 @@ from backend.openai_client import OpenAIClient
 from backend.prompt_log import PromptLog
 from backend.rate_limit import rate_limit_for
 from backend.remote_backend import RemoteChatService, RemoteHolder, RemoteVisionService
+from backend.torch_threads import call_on_fresh_thread
 from backend.vision import load_vision_model
 from backend.vision_demo import DEMO_LLAVA
 from backend.vision_service import VisionService
@@ -117,8 +118,8 @@ def local_services(config: AppConfig, load_in_background: bool):
     holders = list(roles.values())
     if load_in_background:
         threading.Thread(target=load_all, args=(roles,), name="model-loader", daemon=True).start()
-    else:
-        load_all(roles)
+    else:  # still on a thread that ends: see backend.torch_threads
+        call_on_fresh_thread(load_all, roles, name="model-loader")
     chat = ChatService(text, config.limits, EngineLimits(config.max_batch_size, config.max_waiting))
     images = VisionService(vision, chat, config.limits, image_limits(config)) if vision else None
     return chat, images, holders

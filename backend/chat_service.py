@@ -14,6 +14,7 @@ from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
 from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.settings import GenerationSettings, ServerLimits
+from backend.torch_threads import call_on_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class ChatService:
         """The top-n next tokens after `text`, before and after the warpers of `settings`."""
         settings = settings.validated(self.limits)
         check_adapter(self.holder.get(), settings.adapter)
-        return self.inspector().next_tokens(self.text_ids(text), settings, n)
+        return call_on_fresh_thread(self.inspector().next_tokens, self.text_ids(text), settings, n)
 
     def step_text(self, text: str, settings: GenerationSettings) -> str:
         """`text` plus the token generation would choose next (greedy, or seeded sample)."""
@@ -155,7 +156,7 @@ class ChatService:
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
         ids = self.text_ids(text)
-        chosen = self.inspector().step(ids, settings)
+        chosen = call_on_fresh_thread(self.inspector().step, ids, settings)
         return (
             text
             + loaded.tokenizer.decode(ids + [chosen], skip_special_tokens=False)[

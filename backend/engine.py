@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +111,7 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 0 where left padding
         self._device = input_device(model)
-        self._beams = ThreadPoolExecutor(self.limits.beam_workers, thread_name_prefix="beam")
+        self._beam_turns = threading.Semaphore(self.limits.beam_workers)  # beam searches running at once
         self._beam_slots = threading.BoundedSemaphore(self.limits.beam_workers + self.limits.max_queue)
         self._stopping = False
         self._closed_reason = SHUTTING_DOWN
@@ -149,6 +148,7 @@ class Engine:
             self._beam_jobs += 1
 
         def job():
+            self._beam_turns.acquire()
             try:
                 if handle.cancelled.is_set():
                     handle._put(_DONE)
@@ -163,17 +163,13 @@ class Engine:
                 log.exception("Beam search failed")
                 handle._put(error)
             finally:
+                self._beam_turns.release()
                 self._beam_slots.release()
                 with self._lock:
                     self._beam_jobs -= 1
 
-        try:
-            self._beams.submit(job)
-        except RuntimeError:  # closed since the check above
-            self._beam_slots.release()
-            with self._lock:
-                self._beam_jobs -= 1
-            raise ModelNotReady(self._closed_reason) from None
+        # A thread per job, not a pool: a lasting thread would keep an OpenMP team (backend.torch_threads).
+        threading.Thread(target=job, name="beam", daemon=True).start()
         return handle
 
     def stats(self) -> tuple[int, int]:
@@ -194,7 +190,6 @@ class Engine:
             self._lock.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
-        self._beams.shutdown(wait=False)  # queued beam searches see _stopping and fail with the reason
         atexit.unregister(self.close)
 
     def _position(self, handle: RequestHandle) -> int:

@@ -17,6 +17,7 @@ from backend.model_holder import ModelHolder, RequestCounter
 from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
+from backend.torch_threads import FreshThreadStream
 from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream
 
 PIPELINES = ("auto", "vision", "caption")
@@ -37,7 +38,7 @@ class VisionService:
         self.chat = chat
         self.limits = limits
         self.image_limits = images
-        # Streams run in the callers' threads, each holding the model: a switch waits for them to end.
+        # Streams run on threads of their own, each holding the model: a switch waits for them to end.
         self.running = RequestCounter()
         holder.register_requests(self.running, lambda reason: None)
 
@@ -50,7 +51,10 @@ class VisionService:
         if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
             raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
         image = load_image(image_source, self.image_limits)
-        return self.running.track(caption_stream(self.holder.get(), image, prompt.strip(), settings))
+        loaded = self.holder.get()
+        return self.running.track(
+            FreshThreadStream(lambda: caption_stream(loaded, image, prompt.strip(), settings))
+        )
 
     def choose_pipeline(self, requested: str) -> str:
         if requested not in PIPELINES:
@@ -73,11 +77,16 @@ class VisionService:
         self.limits.check_text("Message", message)
         image = load_image(image_source, self.image_limits)
         if chosen == "vision":
-            replies = chat_with_image_stream(self.holder.get(), image, history, message, settings)
+            loaded = self.holder.get()
+            replies = FreshThreadStream(
+                lambda: chat_with_image_stream(loaded, image, history, message, settings)
+            )
             return VisualReply("vision", None, self.running.track(replies))
         caption_settings = replace(CAPTION_SETTINGS, seed=0)
         description = ""
-        for reply in self.running.track(caption_stream(self.holder.get(), image, "", caption_settings)):
+        loaded = self.holder.get()
+        captions = FreshThreadStream(lambda: caption_stream(loaded, image, "", caption_settings))
+        for reply in self.running.track(captions):
             description = reply.text
         if not description.strip():
             description = "(the captioning model returned no description)"

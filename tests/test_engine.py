@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import backend.engine as engine_module
 from backend.engine import Engine, EngineLimits
 from backend.errors import ServerBusy
 from backend.generation import generate_beam, stream_generate
@@ -166,7 +167,6 @@ def test_full_queue_says_busy_at_once_and_waiting_requests_know_their_place(demo
 
 def test_beam_runs_beside_the_batch(engine, demo_model, demo_tokenizer, monkeypatch):
     release = threading.Event()
-    import backend.engine as engine_module
 
     def slow_beam(*args, **kwargs):
         release.wait(30)
@@ -220,3 +220,21 @@ def test_greedy_through_the_engine_equals_transformers_generate(engine, demo_mod
         )
     expected = demo_tokenizer.decode(theirs[0, len(prompt) :], skip_special_tokens=True)
     assert ours.text.strip() == expected.strip()
+
+
+def test_each_beam_search_runs_on_a_thread_that_ends(engine, demo_tokenizer, monkeypatch):
+    """No lasting beam worker: a lasting thread that ran torch keeps an OpenMP team (torch_threads)."""
+    ran_on = []
+
+    def recording_beam(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return generate_beam(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate_beam", recording_beam)
+    settings = GenerationSettings(mode="beam", num_beams=2, max_new_tokens=4)
+    for _ in range(2):
+        final(engine.submit_beam(ids(demo_tokenizer, "Hello"), settings))
+    assert len(ran_on) == 2
+    for thread in ran_on:
+        thread.join(5)
+        assert not thread.is_alive() and thread is not engine._thread

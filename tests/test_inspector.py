@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -125,3 +126,19 @@ def test_view_escapes_tokens_and_marks_removed(service):
     assert "<img" not in page and "&lt;img" in page
     assert page.count('class="removed"') == 3
     assert not math.isnan(result["entropy_final"])
+
+
+def test_service_runs_the_forward_pass_on_a_thread_that_ends(service, monkeypatch):
+    """A lasting request thread that ran torch would keep an OpenMP team and slow the engine."""
+    ran_on = []
+    original = Inspector.logits
+
+    def recording(self, *args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Inspector, "logits", recording)
+    service.next_tokens("Once upon a", GenerationSettings(), 5)
+    service.step_text("Once upon a", GenerationSettings(seed=1))
+    assert len(ran_on) == 2
+    assert all(thread is not threading.current_thread() and not thread.is_alive() for thread in ran_on)

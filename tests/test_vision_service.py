@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from backend.chat_service import ChatService
@@ -97,3 +99,29 @@ def test_visual_turn_refusals_keep_the_conversation(llava, image_zoo):
     assert box == "look" and history[:2] == before and "megapixels" in history[-1]["metadata"]["title"]
     box, history, _ = list(visual_turn(None, LIMITS, "look", [str(path)], list(before), values, "auto"))[-1]
     assert "Images are turned off" in history[-1]["metadata"]["title"]
+
+
+def test_image_streams_run_on_threads_that_end(llava, blip2, image_zoo, monkeypatch):
+    """Preprocessing and decoding leave the request thread: a lasting one would keep an OpenMP team."""
+    import backend.vision_service as vision_service
+
+    ran_on = []
+    for name in ("caption_stream", "chat_with_image_stream"):
+        original = getattr(vision_service, name)
+
+        def recording(*args, _original=original, **kwargs):
+            ran_on.append(threading.current_thread())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(vision_service, name, recording)
+    image = next(iter(image_zoo["good"].values()))
+    list(llava.caption(image, "", QUICK))
+    list(llava.visual_chat("What is this?", image, [], QUICK, pipeline="vision").replies)
+    list(blip2.visual_chat("What is this?", image, [], QUICK, pipeline="caption").replies)
+    stream = llava.caption(image, "", GenerationSettings(seed=3, max_new_tokens=40))
+    next(stream)
+    stream.close()
+    assert len(ran_on) == 4
+    for thread in ran_on:
+        thread.join(5)
+        assert thread is not threading.current_thread() and not thread.is_alive()
