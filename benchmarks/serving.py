@@ -4,13 +4,15 @@
     .venv/bin/python benchmarks/serving.py --quick    # fewer users and tokens, a smoke test
 
 Random weights of SmolLM2-135M's shape (optionally Llama-3.2-1B's: --shape llama-1b); prompts are
-random token ids, so only speed is measured. Everything runs side by side in one process.
+random token ids, so only speed is measured. Everything runs side by side in one run; the main-thread
+baseline runs in a child process, and every system here runs on threads that end (backend.torch_threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.demo_models import demo_text_model_dir  # noqa: E402
 from backend.engine import Engine, EngineLimits  # noqa: E402
 from backend.settings import GenerationSettings  # noqa: E402
+from backend.torch_threads import call_on_fresh_thread  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -51,6 +54,7 @@ SHAPES = {
     ),
 }
 SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0)
+STAGGER = 0.25  # seconds between arrivals in the staggered 8-user scenario
 
 
 @dataclass
@@ -97,18 +101,20 @@ def prompts(users: int, length: int, vocab: int) -> list[list[int]]:
     return [[0] + torch.randint(4, vocab, (length - 1,), generator=generator).tolist() for _ in range(users)]
 
 
-def in_threads(count: int, target) -> float:
-    """Start `count` users at once; the wall time until the last finishes."""
+def in_threads(count: int, target, spacing: float = 0.0) -> float:
+    """Start `count` users at once (or `spacing` seconds apart); the wall time until the last finishes."""
     threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
     started = time.perf_counter()
-    for thread in threads:
+    for index, thread in enumerate(threads):
+        if index and spacing:
+            time.sleep(spacing)
         thread.start()
     for thread in threads:
         thread.join()
     return time.perf_counter() - started
 
 
-def serialised(model, tokenizer, users: list[list[int]], new_tokens: int) -> Run:
+def serialised(model, tokenizer, users: list[list[int]], new_tokens: int, spacing: float = 0.0) -> Run:
     """What the anchors do: one streamed generate() at a time under a global lock."""
     run, lock, record = Run(), threading.Lock(), threading.Lock()
 
@@ -136,7 +142,7 @@ def serialised(model, tokenizer, users: list[list[int]], new_tokens: int) -> Run
                 run.ttft.append(stamps[0] - submitted)
                 run.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
-    run.wall = in_threads(len(users), user)
+    run.wall = in_threads(len(users), user, spacing)
     return run
 
 
@@ -145,7 +151,8 @@ def static_batch(model, users: list[list[int]], new_tokens: int) -> Run:
     ids = torch.tensor(users)
     started = time.perf_counter()
     with torch.inference_mode():
-        model.generate(
+        call_on_fresh_thread(
+            model.generate,
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
@@ -162,15 +169,15 @@ def transformers_continuous_batching(model, users: list[list[int]], new_tokens: 
     config = GenerationConfig(do_sample=True, max_new_tokens=new_tokens, **SAMPLING)
     started = time.perf_counter()
     with torch.inference_mode():
-        outputs = model.generate_batch(
-            users, generation_config=config, max_new_tokens=new_tokens, warmup=False
+        outputs = call_on_fresh_thread(
+            model.generate_batch, users, generation_config=config, max_new_tokens=new_tokens, warmup=False
         )
     wall = time.perf_counter() - started
     tokens = sum(len(output.generated_tokens) for output in outputs.values())
     return Run(tokens=tokens, wall=wall, ttft=[wall] * len(users))
 
 
-def engine_run(engine: Engine, users: list[list[int]], new_tokens: int) -> Run:
+def engine_run(engine: Engine, users: list[list[int]], new_tokens: int, spacing: float = 0.0) -> Run:
     run, record = Run(), threading.Lock()
 
     def user(index: int):
@@ -187,16 +194,15 @@ def engine_run(engine: Engine, users: list[list[int]], new_tokens: int) -> Run:
             run.ttft.append(stamps[0] - submitted)
             run.itl.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
-    run.wall = in_threads(len(users), user)
+    run.wall = in_threads(len(users), user, spacing)
     return run
 
 
-def raw_generate(model, prompt: list[int], new_tokens: int, in_thread: bool) -> float:
-    """Tokens per second of one plain generate(), in the main thread or a fresh worker thread."""
+def raw_generate(model, prompt: list[int], new_tokens: int, in_thread: bool = True) -> float:
+    """Tokens per second of one plain generate(), on a thread that ends or in the calling thread."""
     ids = torch.tensor([prompt])
-    seconds = {}
 
-    def job():
+    def job() -> float:
         started = time.perf_counter()
         with torch.inference_mode():
             model.generate(
@@ -207,15 +213,44 @@ def raw_generate(model, prompt: list[int], new_tokens: int, in_thread: bool) -> 
                 do_sample=True,
                 **SAMPLING,
             )
-        seconds["value"] = time.perf_counter() - started
+        return new_tokens / (time.perf_counter() - started)
 
-    if in_thread:
-        worker = threading.Thread(target=job)
-        worker.start()
-        worker.join()
-    else:
-        job()
-    return new_tokens / seconds["value"]
+    return call_on_fresh_thread(job) if in_thread else job()
+
+
+def prefill_seconds(model, users: list[list[int]], repeats: int) -> float:
+    """One forward pass over all prompts (what the first token of each waits for), median of repeats."""
+    ids = torch.tensor(users)
+
+    def once() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - started
+
+    once()  # warm-up
+    return best_of(repeats, once)
+
+
+def main_thread_baselines(
+    shape: str, dtype: str, threads: int, new_tokens: int, prompt_len: int, repeats: int
+):
+    """In a child process (its main thread keeps an OpenMP team for good, which would slow every
+    later measurement here): raw generate() in the main thread, then in a worker thread beside it,
+    which is how the bf16 worker-thread slowdown looked before backend.torch_threads."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_main_thread_child, (shape, dtype, threads, new_tokens, prompt_len, repeats))
+
+
+def _main_thread_child(shape, dtype, threads, new_tokens, prompt_len, repeats) -> tuple[float, float]:
+    torch.set_num_threads(threads)
+    model = build_model(shape, getattr(torch, dtype))
+    prompt = prompts(1, prompt_len, model.config.vocab_size)[0]
+    raw_generate(model, prompt, 8, in_thread=False)  # warm-up
+    main = best_of(repeats, lambda: raw_generate(model, prompt, new_tokens, in_thread=False))
+    beside = best_of(repeats, lambda: raw_generate(model, prompt, new_tokens, in_thread=True))
+    return main, beside
 
 
 def best_of(repeats: int, measure):
@@ -226,41 +261,55 @@ def best_of(repeats: int, measure):
 def measure_dtype(
     shape: str, dtype: torch.dtype, user_counts: list[int], new_tokens: int, prompt_len: int, repeats: int
 ) -> dict:
-    model = build_model(shape, dtype)
+    """Every system, one at a time, with no OpenMP team left behind by the one before."""
+    name = str(dtype).removeprefix("torch.")
+    main, beside = main_thread_baselines(
+        shape, name, torch.get_num_threads(), new_tokens, prompt_len, repeats
+    )
+    model = call_on_fresh_thread(build_model, shape, dtype)
     tokenizer = AutoTokenizer.from_pretrained(
         demo_text_model_dir(Path(tempfile.gettempdir()) / "bench-cache")
     )
     vocab = model.config.vocab_size
     warm = prompts(1, prompt_len, vocab)[0]
-    raw_generate(model, warm, 8, in_thread=False)  # warm-up
-    out: dict = {"dtype": str(dtype).removeprefix("torch."), "scenarios": {}}
-    out["raw_main_tok_s"] = round(best_of(repeats, lambda: raw_generate(model, warm, new_tokens, False)), 2)
-    out["raw_thread_tok_s"] = round(best_of(repeats, lambda: raw_generate(model, warm, new_tokens, True)), 2)
-    engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
-    try:
-        engine_run(engine, prompts(1, prompt_len, vocab), 8)  # warm-up
-        for users in user_counts:
-            batch = prompts(users, prompt_len, vocab)
-            row = {
-                "engine": engine_run(engine, batch, new_tokens).summary(),
-                "serialised": serialised(model, tokenizer, batch, new_tokens).summary(),
+    raw_generate(model, warm, 8)  # warm-up
+    out: dict = {"dtype": name, "scenarios": {}}
+    out["raw_main_tok_s"] = round(main, 2)
+    out["raw_thread_tok_s"] = round(best_of(repeats, lambda: raw_generate(model, warm, new_tokens)), 2)
+    out["raw_thread_beside_main_team_tok_s"] = round(beside, 2)
+    for users in user_counts:
+        batch = prompts(users, prompt_len, vocab)
+        # A fresh engine per scenario: its thread (and OpenMP team) ends before the next system runs.
+        engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
+        try:
+            engine_run(engine, prompts(1, prompt_len, vocab), 8)  # warm-up
+            row = {"engine": engine_run(engine, batch, new_tokens).summary()}
+        finally:
+            engine.close()
+        row["serialised"] = serialised(model, tokenizer, batch, new_tokens).summary()
+        if users == 8:
+            # Users who come one after another instead of all at once: each joins the running batch.
+            engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
+            try:
+                row["engine_staggered"] = engine_run(engine, batch, new_tokens, STAGGER).summary()
+            finally:
+                engine.close()
+            row["serialised_staggered"] = serialised(model, tokenizer, batch, new_tokens, STAGGER).summary()
+            row["static_batch"] = static_batch(model, batch, new_tokens).summary()
+            out["prefill_ms"] = {
+                str(n): round(call_on_fresh_thread(prefill_seconds, model, batch[:n], repeats) * 1000, 1)
+                for n in (1, 8)
             }
-            if users == 8:
-                row["static_batch"] = static_batch(model, batch, new_tokens).summary()
-                try:
-                    row["transformers_cb"] = transformers_continuous_batching(
-                        model, batch, new_tokens
-                    ).summary()
-                except Exception as error:  # reported, not fatal: it is the alternative under evaluation
-                    out["transformers_cb_error"] = f"{type(error).__name__}: {error}"
-            out["scenarios"][str(users)] = row
-            print(
-                f"  {out['dtype']} {users:>2} users: "
-                + ", ".join(f"{name} {result['tok_per_s']} tok/s" for name, result in row.items()),
-                flush=True,
-            )
-    finally:
-        engine.close()
+            try:
+                row["transformers_cb"] = transformers_continuous_batching(model, batch, new_tokens).summary()
+            except Exception as error:  # reported, not fatal: it is the alternative under evaluation
+                out["transformers_cb_error"] = f"{type(error).__name__}: {error}"
+        out["scenarios"][str(users)] = row
+        print(
+            f"  {name} {users:>2} users: "
+            + ", ".join(f"{system} {result['tok_per_s']} tok/s" for system, result in row.items()),
+            flush=True,
+        )
     return out
 
 
@@ -277,7 +326,15 @@ def ratios(result: dict) -> dict:
         found["engine_1_vs_raw_generate"] = one["engine"]["tok_per_s"] / result["raw_main_tok_s"]
     if eight and one:
         found["ttft_p95_8_vs_ttft_1"] = eight["engine"]["ttft_p95_ms"] / one["engine"]["ttft_p95_ms"]
+        found["ttft_p95_8_staggered_vs_ttft_1"] = (
+            eight["engine_staggered"]["ttft_p95_ms"] / one["engine"]["ttft_p95_ms"]
+        )
+    if "prefill_ms" in result:  # 8 users who arrive together cannot see a first token before this
+        found["prefill_8_vs_prefill_1"] = result["prefill_ms"]["8"] / result["prefill_ms"]["1"]
     found["raw_thread_vs_main"] = result["raw_thread_tok_s"] / result["raw_main_tok_s"]
+    found["raw_thread_beside_main_team_vs_main"] = (
+        result["raw_thread_beside_main_team_tok_s"] / result["raw_main_tok_s"]
+    )
     return {name: round(value, 2) for name, value in found.items()}
 
 
@@ -312,8 +369,13 @@ def markdown(report: dict) -> str:
                 )
         lines += [
             "",
-            f"Raw generate, one user: main thread {result['raw_main_tok_s']} tok/s, "
-            f"worker thread {result['raw_thread_tok_s']} tok/s.",
+            f"Raw generate, one user: main thread {result['raw_main_tok_s']} tok/s (own process), "
+            f"a thread that ends {result['raw_thread_tok_s']} tok/s, a worker thread while the "
+            f"main thread keeps an OpenMP team {result['raw_thread_beside_main_team_tok_s']} tok/s.",
+            ""
+            if "prefill_ms" not in result
+            else f"One forward pass over the prompts: 1 prompt {result['prefill_ms']['1']} ms, "
+            f"8 prompts {result['prefill_ms']['8']} ms. Staggered: users arrive {STAGGER} s apart.",
             "",
             "| ratio | measured | target |",
             "|---|---|---|",
@@ -344,7 +406,7 @@ def plot(report: dict, path: Path) -> None:
         top_value = max(r["tok_per_s"] for row in result["scenarios"].values() for r in row.values()) or 1
         draw.text((left, 8), f"{report['shape']} {result['dtype']}: aggregate tok/s", fill="black")
         for i, (users, row) in enumerate(result["scenarios"].items()):
-            for j, name in enumerate(row):
+            for j, name in enumerate(n for n in row if n in colours):  # users arriving together
                 x = left + i * 90 + j * 24
                 bar = int(220 * row[name]["tok_per_s"] / top_value)
                 draw.rectangle([x, 260 - bar, x + 20, 260], fill=colours[name])
