@@ -31,11 +31,30 @@ def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:
         return processors
     if settings.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(float(settings.temperature)))
-    if settings.top_k > 0:
+    if settings.top_k > 0 and settings.top_p < 1.0:
+        processors.append(TopPWithinTopK(settings.top_k, float(settings.top_p)))
+    elif settings.top_k > 0:
         processors.append(TopKLogitsWarper(top_k=settings.top_k))
-    if settings.top_p < 1.0:
+    elif settings.top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=float(settings.top_p)))
     return processors
+
+
+class TopPWithinTopK:
+    """TopKLogitsWarper then TopPLogitsWarper, with top-p run on the k survivors only.
+
+    Ours because transformers' top-p sorts the whole vocabulary: 5 ms a step for 8 rows of 49k here.
+    Same result, except that a tie at the k-th score keeps exactly k (transformers keeps the tied too).
+    """
+
+    def __init__(self, top_k: int, top_p: float):
+        self.top_k = top_k
+        self.top_p = TopPLogitsWarper(top_p=top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, indices = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        kept = self.top_p(input_ids, values)
+        return torch.full_like(scores, float("-inf")).scatter(-1, indices, kept)
 
 
 def mask_unknown_tokens(scores: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -53,6 +72,7 @@ def choose_next_token(
     if is_greedy(settings):
         return scores.argmax(dim=-1)
     probs = torch.softmax(scores.float(), dim=-1)
+    # All of the vocabulary, as generate() draws: the same seed then gives generate()'s tokens.
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 

@@ -179,3 +179,26 @@ def test_two_generators_are_independent() -> None:
         interleaved.append(int(choose_next_token(scores, PLAIN, a)))
         choose_next_token(scores, PLAIN, b)
     assert interleaved == alone
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.9), (5, 0.5), (1, 0.95), (2000, 0.8), (40, 0.999)])
+def test_top_p_within_top_k_matches_transformers_chain(top_k, top_p) -> None:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.randn(4, 1000, generator=torch.Generator().manual_seed(top_k)) * 3
+    ids = torch.zeros((4, 1), dtype=torch.long)
+    theirs = TopPLogitsWarper(top_p)(ids, TopKLogitsWarper(top_k)(ids, scores.clone()))
+    ours = process(settings(top_k=top_k, top_p=top_p), scores)
+    assert torch.equal(ours.isinf(), theirs.isinf())
+    assert torch.equal(ours[~ours.isinf()], theirs[~theirs.isinf()])
+
+
+def test_draws_follow_top_k_and_top_p_together_and_never_pick_a_removed_token() -> None:
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.06, 0.04])
+    s = settings(top_k=4, top_p=0.7)  # top-4, then the smallest set reaching 0.7: ids 0, 1, 2
+    n = 20_000
+    picks = choose_next_token(process(s, probs.log().expand(n, -1)), s, make_generator(9, CPU))
+    counts = torch.bincount(picks, minlength=6).double() / n
+    assert counts[3:].sum() == 0
+    assert math.isclose(float(counts[0]), 0.35 / 0.8, abs_tol=0.02)
+    assert math.isclose(float(counts[2]), 0.2 / 0.8, abs_tol=0.02)
