@@ -120,8 +120,11 @@ def local_services(config: AppConfig, load_in_background: bool):
         threading.Thread(target=load_all, args=(roles,), name="model-loader", daemon=True).start()
     else:  # still on a thread that ends: see backend.torch_threads
         call_on_fresh_thread(load_all, roles, name="model-loader")
-    chat = ChatService(text, config.limits, EngineLimits(config.max_batch_size, config.max_waiting))
-    images = VisionService(vision, chat, config.limits, image_limits(config)) if vision else None
+    engine_limits = EngineLimits(config.max_batch_size, config.max_waiting)
+    chat = ChatService(text, config.limits, engine_limits)
+    images = (
+        VisionService(vision, chat, config.limits, image_limits(config), engine_limits) if vision else None
+    )
     return chat, images, holders
 
 

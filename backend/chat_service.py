@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 
 from backend.engine import Engine, EngineLimits
+from backend.engine_slot import EngineSlot
 from backend.engine_stats import EngineStats
-from backend.errors import BadInput, ContextOverflow, InvalidSettings, ModelNotReady
+from backend.errors import BadInput, ContextOverflow, InvalidSettings
 from backend.inspector import Inspector, NextTokens
 from backend.model_holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
@@ -17,8 +17,6 @@ from backend.settings import GenerationSettings, ServerLimits
 from backend.torch_threads import call_on_fresh_thread
 
 log = logging.getLogger(__name__)
-
-MODEL_SWITCHED = "The model was switched; please resend your message."
 
 
 def check_adapter(loaded, name: str) -> None:
@@ -47,8 +45,7 @@ class ChatService:
         self.holder = holder
         self.limits = limits
         self.engine_limits = engine_limits or EngineLimits()
-        self._engine: Engine | None = None
-        self._engine_lock = threading.Lock()
+        self._engines = EngineSlot(holder, self.engine_limits)
         self._inspector: Inspector | None = None
         self.stats = EngineStats()
         holder.register_requests(self.in_flight, self.release)
@@ -60,15 +57,12 @@ class ChatService:
 
     def in_flight(self) -> int:
         """Requests the model has not finished yet (a model switch waits for them)."""
-        engine = self._engine
-        return engine.pending() if engine is not None else 0
+        return self._engines.pending()
 
     def release(self, reason: str) -> None:
         """Let go of the model before a switch: requests still in the engine fail with `reason`."""
-        with self._engine_lock:
-            if self._engine is not None:
-                self._engine.close(reason)
-            self._engine, self._inspector = None, None
+        self._engines.release(reason)
+        self._inspector = None
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         """Check everything, then return the stream of the reply to `message` after `history`.
@@ -112,14 +106,7 @@ class ChatService:
 
     def engine(self, loaded) -> Engine:
         """The engine for the loaded model; a model switch gets a fresh one."""
-        with self._engine_lock:
-            if self.holder.get() is not loaded:  # switched since this request began: never revive the old
-                raise ModelNotReady(MODEL_SWITCHED)
-            if self._engine is None or self._engine.model is not loaded.model:
-                if self._engine is not None:
-                    self._engine.close(MODEL_SWITCHED)
-                self._engine = Engine(loaded.model, loaded.tokenizer, self.engine_limits)
-            return self._engine
+        return self._engines.get(loaded, loaded.model, loaded.tokenizer)
 
     def inspector(self) -> Inspector:
         loaded = self.holder.get()
@@ -170,4 +157,8 @@ class ChatService:
             raise BadInput("The chat is empty: send a message first.")
         loaded = self.holder.get()
         text, _ = render_chat(loaded.tokenizer, system_prompt, history[:-1], history[-1].user)
-        return text + history[-1].assistant
+        reply = history[-1].assistant
+        # Replies are shown without the space the model wrote after e.g. "ASSISTANT:"; put it back.
+        if text and not text[-1].isspace() and reply and not reply[0].isspace():
+            reply = " " + reply
+        return text + reply

@@ -17,8 +17,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -41,6 +42,7 @@ class EngineLimits:
     beam_workers: int = 1  # beam searches run beside the batch, this many at a time
     poll_seconds: float = 0.5  # how often a waiting request hears its queue position
     gather_seconds: float = 0.01  # an idle engine waits this long for more arrivals before a prefill
+    idle_seconds: float = 2.0  # the engine thread ends after this long without work (see torch_threads)
 
 
 class RequestHandle:
@@ -88,6 +90,7 @@ class _Pending:
     handle: RequestHandle
     prompt_ids: list[int]
     settings: GenerationSettings
+    prefill: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -116,14 +119,19 @@ class Engine:
         self._stopping = False
         self._closed_reason = SHUTTING_DOWN
         self._beam_jobs = 0  # queued or running
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first request, ends when idle
         atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids: list[int], settings: GenerationSettings) -> RequestHandle:
-        """Queue a sample/greedy request; raises ServerBusy when the queue is full."""
+    def submit(
+        self, prompt_ids: list[int], settings: GenerationSettings, prefill: Callable[[], Any] | None = None
+    ) -> RequestHandle:
+        """Queue a sample/greedy request; raises ServerBusy when the queue is full.
+
+        `prefill`, if given, replaces this request's first forward pass (a vision model reads the
+        image there): it returns logits and a DynamicCache of one row, then the row joins the batch.
+        """
         handle = RequestHandle(self)
         with self._lock:
             if self._stopping:
@@ -133,7 +141,10 @@ class Engine:
                     f"The server is busy ({len(self._rows)} replies running, {len(self._waiting)} waiting). "
                     "Try again in a moment."
                 )
-            self._waiting.append(_Pending(handle, list(prompt_ids), settings.with_seed()))
+            self._waiting.append(_Pending(handle, list(prompt_ids), settings.with_seed(), prefill))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
             self._lock.notify()
         return handle
 
@@ -187,9 +198,10 @@ class Engine:
         with self._lock:
             if not self._stopping:
                 self._stopping, self._closed_reason = True, reason
+            thread = self._thread
             self._lock.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+        if thread is not None and threading.current_thread() is not thread:
+            thread.join(timeout=10)
         atexit.unregister(self.close)
 
     def _position(self, handle: RequestHandle) -> int:
@@ -211,7 +223,13 @@ class Engine:
             with self._lock:
                 idle = not self._rows
                 while not self._stopping and not self._waiting and not self._rows:
-                    self._lock.wait()
+                    if (
+                        not self._lock.wait(self.limits.idle_seconds)
+                        and not self._waiting
+                        and not self._stopping
+                    ):
+                        self._thread = None  # ends, and its OpenMP team with it; the next submit starts one
+                        return
                 # Users arrive in bursts; a moment's wait lets a burst share one prefill.
                 deadline = time.monotonic() + (self.limits.gather_seconds if idle else 0.0)
                 while not self._stopping and len(self._waiting) < self.limits.max_batch_size:
@@ -260,7 +278,10 @@ class Engine:
             except Exception as error:
                 pending.handle._put(error)
                 continue
-            group.append((pending, state))
+            if pending.prefill is not None:
+                self._admit_prefilled(pending, state)
+            else:
+                group.append((pending, state))
         if not group:
             return
         width = max(len(pending.prompt_ids) for pending, _ in group)
@@ -277,6 +298,9 @@ class Engine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+                    # Full layers only: a sliding-window layer keeps fewer positions than the shared mask
+                    # and our padding assume; the model's mask still applies the window.
+                    past_key_values=DynamicCache(),
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -288,6 +312,20 @@ class Engine:
         rows = [_Row(pending.handle, state, len(pending.prompt_ids)) for pending, state in group]
         self._emit(rows, outputs.logits[:, -1, :])
         self._join(rows, outputs.past_key_values, mask)
+
+    def _admit_prefilled(self, pending: _Pending, state: RequestState) -> None:
+        """A request with its own first forward pass (e.g. an image's): alone, then it joins the batch."""
+        try:
+            outputs = pending.prefill()
+        except Exception as error:
+            log.exception("Prefill failed")
+            pending.handle._put(error)
+            return
+        length = outputs.past_key_values.get_seq_length()
+        row = _Row(pending.handle, state, length)
+        self._emit([row], outputs.logits[:, -1, :])
+        mask = torch.ones((1, length), dtype=torch.long, device=self._device)
+        self._join([row], outputs.past_key_values, mask)
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Left-pad the shorter of (batch, newcomers) so both end at the same position, then stack."""

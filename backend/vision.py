@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from jinja2 import TemplateError
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
 from backend.chat_service import prompt_budget
 from backend.demo_models import is_demo_model_dir
 from backend.device_plan import DevicePlan
+from backend.engine import Engine
 from backend.errors import BadImage, BadInput, ContextOverflow, UserError
 from backend.generation import (
     ContinuationDecoder,
@@ -36,7 +37,7 @@ from backend.generation import (
 from backend.hub import resolve_model_dir
 from backend.loading import ModelSpec, ProgressFn, plan_placement, quantization_config, remote_code
 from backend.prompting import Turn, context_window, vicuna_prompt
-from backend.replies import Reply, replies_from_updates
+from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.settings import GenerationSettings
 from backend.stopping import StopWordMatcher
 from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
@@ -263,17 +264,29 @@ def prompt_size(inputs: dict[str, torch.Tensor]) -> int:
 
 
 def caption_stream(
-    loaded: LoadedVision, image: Image.Image, question: str, settings: GenerationSettings
+    loaded: LoadedVision,
+    image: Image.Image,
+    question: str,
+    settings: GenerationSettings,
+    engine: Engine | None = None,
 ) -> Iterator[Reply]:
-    """Caption `image` or answer `question` about it; bad input raises here, before the stream starts."""
+    """Caption `image` or answer `question` about it; bad input raises here, before the stream starts.
+
+    With `engine` (one decoding `engine_model(loaded)`), the request joins that engine's batch.
+    """
     settings = settings.with_seed()
     inputs = encode_image_prompt(loaded, image, caption_prompt(loaded.family, loaded.processor, question))
     check_fits(loaded, inputs, settings.max_new_tokens)
-    return replies_from_updates(_updates(loaded, inputs, settings), settings, None, prompt_size(inputs))
+    return _replies(loaded, inputs, settings, engine, None)
 
 
 def chat_with_image_stream(
-    loaded: LoadedVision, image: Image.Image, history: list[Turn], message: str, settings: GenerationSettings
+    loaded: LoadedVision,
+    image: Image.Image,
+    history: list[Turn],
+    message: str,
+    settings: GenerationSettings,
+    engine: Engine | None = None,
 ) -> Iterator[Reply]:
     """LLaVA visual chat: the image stays in the first user turn; the oldest turns go first when too long."""
     if loaded.family not in LLAVA_FAMILIES:
@@ -295,7 +308,7 @@ def chat_with_image_stream(
     if dropped:
         turns = "turn was" if dropped == 1 else "turns were"
         notice = f"The {dropped} oldest {turns} left out to fit the model's context window."
-    return replies_from_updates(_updates(loaded, inputs, settings), settings, notice, prompt_size(inputs))
+    return _replies(loaded, inputs, settings, engine, notice)
 
 
 @dataclass(frozen=True)
@@ -314,7 +327,7 @@ def image_prefill(loaded: LoadedVision, inputs: dict) -> ImagePrefill:
 
         @torch.inference_mode()
         def prefill():  # logits_to_keep: the prompt's logits would cost tokens x vocab floats
-            return model(**inputs, use_cache=True, logits_to_keep=1)
+            return model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
 
         return ImagePrefill(prompt_ids, prefill, model)
     if model.config.use_decoder_only_language_model:
@@ -323,20 +336,46 @@ def image_prefill(loaded: LoadedVision, inputs: dict) -> ImagePrefill:
     return ImagePrefill([model.language_model.config.decoder_start_token_id], prefill, step)
 
 
-def _updates(loaded: LoadedVision, inputs: dict, settings: GenerationSettings) -> Iterator[GenerationUpdate]:
-    """Lazy like the stream: nothing runs before the caller asks for the first update."""
+def engine_model(loaded: LoadedVision) -> torch.nn.Module | None:
+    """The causal LM a batching engine decodes for this model (LLaVA itself, a decoder-only BLIP-2's
+    language model); None for Flan-T5 BLIP-2, whose decoder steps need the encoder's output."""
+    if loaded.family in LLAVA_FAMILIES:
+        return loaded.model
+    return loaded.model.language_model if loaded.model.config.use_decoder_only_language_model else None
+
+
+def _replies(
+    loaded: LoadedVision,
+    inputs: dict,
+    settings: GenerationSettings,
+    engine: Engine | None,
+    notice: str | None,
+) -> Iterator[Reply]:
     if settings.mode == "beam":
-        yield generate_beam_with_image(loaded, inputs, settings)
-        return
-    plan = image_prefill(loaded, inputs)
-    yield from stream_generate(
-        loaded.model,
-        loaded.tokenizer,
-        plan.prompt_ids,
-        settings,
-        prefill=plan.prefill,
-        decode_model=plan.decode_model,
-    )
+        updates, end = _beam_updates(loaded, inputs, settings), None
+    else:
+        plan = image_prefill(loaded, inputs)
+        if engine is not None:  # submitted now: a full queue refuses before anything is shown
+            handle = engine.submit(plan.prompt_ids, settings, prefill=plan.prefill)
+            updates, end = iter(handle), handle.cancel
+        else:  # a generator: nothing runs before the caller asks for the first update
+            updates = stream_generate(
+                loaded.model,
+                loaded.tokenizer,
+                plan.prompt_ids,
+                settings,
+                prefill=plan.prefill,
+                decode_model=plan.decode_model,
+            )
+            end = None
+    replies = replies_from_updates(updates, settings, notice, prompt_size(inputs))
+    return ReplyStream(replies, end) if end is not None else replies
+
+
+def _beam_updates(
+    loaded: LoadedVision, inputs: dict, settings: GenerationSettings
+) -> Iterator[GenerationUpdate]:
+    yield generate_beam_with_image(loaded, inputs, settings)
 
 
 def _blip_image_embeds(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +403,11 @@ def _blip_prefill(model, inputs: dict) -> Callable[[], Any]:
     def prefill():
         embeds, mask = _blip_image_embeds(model, inputs)
         return model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            past_key_values=DynamicCache(),  # full layers, as the engine's batch keeps (see engine._admit)
+            use_cache=True,
+            logits_to_keep=1,
         )
 
     return prefill

@@ -7,18 +7,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from backend.chat_service import ChatService
+from backend.engine import EngineLimits
+from backend.engine_slot import EngineSlot
 from backend.errors import BadInput
 from backend.images import ImageLimits, load_image
 from backend.model_holder import ModelHolder, RequestCounter
 from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
-from backend.torch_threads import FreshThreadStream
-from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream
+from backend.torch_threads import FreshThreadStream, call_on_fresh_thread
+from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream, engine_model
 
 PIPELINES = ("auto", "vision", "caption")
 # Captions that feed the chat model are short and deterministic: the chat reply carries the sampling.
@@ -33,14 +35,22 @@ class VisualReply:
 
 
 class VisionService:
-    def __init__(self, holder: ModelHolder, chat: ChatService, limits: ServerLimits, images: ImageLimits):
+    def __init__(
+        self,
+        holder: ModelHolder,
+        chat: ChatService,
+        limits: ServerLimits,
+        images: ImageLimits,
+        engine_limits: EngineLimits | None = None,
+    ):
         self.holder = holder
         self.chat = chat
         self.limits = limits
         self.image_limits = images
-        # Streams run on threads of their own, each holding the model: a switch waits for them to end.
+        # Replies still streaming hold the model: a switch waits for them (and the engine) to end.
         self.running = RequestCounter()
-        holder.register_requests(self.running, lambda reason: None)
+        self._engines = EngineSlot(holder, engine_limits or EngineLimits())
+        holder.register_requests(lambda: self.running() + self._engines.pending(), self._engines.release)
 
     def family(self) -> str:
         return self.holder.get().family
@@ -51,10 +61,22 @@ class VisionService:
         if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
             raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
         image = load_image(image_source, self.image_limits)
-        loaded = self.holder.get()
-        return self.running.track(
-            FreshThreadStream(lambda: caption_stream(loaded, image, prompt.strip(), settings))
+        return self._stream(
+            settings, lambda loaded, engine: caption_stream(loaded, image, prompt.strip(), settings, engine)
         )
+
+    def _stream(self, settings: GenerationSettings, start: Callable[..., Iterator[Reply]]) -> Iterator[Reply]:
+        """`start(loaded, engine)` with this model's batching engine where it has one.
+
+        Torch work stays off the caller's lasting thread (backend.torch_threads): the image is encoded on a
+        thread that ends and the engine decodes; without an engine the whole stream gets a thread.
+        """
+        loaded = self.holder.get()
+        model = engine_model(loaded)
+        if model is not None and settings.mode != "beam":
+            engine = self._engines.get(loaded, model, loaded.tokenizer)
+            return self.running.track(call_on_fresh_thread(start, loaded, engine))
+        return self.running.track(FreshThreadStream(lambda: start(loaded, None)))
 
     def choose_pipeline(self, requested: str) -> str:
         if requested not in PIPELINES:
@@ -77,16 +99,20 @@ class VisionService:
         self.limits.check_text("Message", message)
         image = load_image(image_source, self.image_limits)
         if chosen == "vision":
-            loaded = self.holder.get()
-            replies = FreshThreadStream(
-                lambda: chat_with_image_stream(loaded, image, history, message, settings)
+            replies = self._stream(
+                settings,
+                lambda loaded, engine: chat_with_image_stream(
+                    loaded, image, history, message, settings, engine
+                ),
             )
-            return VisualReply("vision", None, self.running.track(replies))
+            return VisualReply("vision", None, replies)
         caption_settings = replace(CAPTION_SETTINGS, seed=0)
         description = ""
-        loaded = self.holder.get()
-        captions = FreshThreadStream(lambda: caption_stream(loaded, image, "", caption_settings))
-        for reply in self.running.track(captions):
+        captions = self._stream(
+            caption_settings,
+            lambda loaded, engine: caption_stream(loaded, image, "", caption_settings, engine),
+        )
+        for reply in captions:
             description = reply.text
         if not description.strip():
             description = "(the captioning model returned no description)"

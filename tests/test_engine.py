@@ -238,3 +238,45 @@ def test_each_beam_search_runs_on_a_thread_that_ends(engine, demo_tokenizer, mon
     for thread in ran_on:
         thread.join(5)
         assert not thread.is_alive() and thread is not engine._thread
+
+
+@pytest.fixture(scope="module")
+def sliding_model(demo_tokenizer):
+    """A tiny Mistral whose 6-token attention window is shorter than the prompts."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=-(-len(demo_tokenizer) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=6,
+        bos_token_id=demo_tokenizer.bos_token_id,
+        eos_token_id=demo_tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MistralForCausalLM(config).eval()
+
+
+def test_sliding_window_models_batch_like_they_run_alone(sliding_model, demo_tokenizer):
+    """Mistral/Gemma-style windows: left padding, joins and leaves must not shift what a row sees."""
+    engine = Engine(sliding_model, demo_tokenizer, EngineLimits(max_batch_size=8, max_queue=8))
+    try:
+        jobs = [(text, mixed_settings(i)) for i, text in enumerate(PROMPTS)]
+        together = run_together(engine, demo_tokenizer, jobs)
+        late = GenerationSettings(seed=7, max_new_tokens=10)
+        early = engine.submit(ids(demo_tokenizer, PROMPTS[2]), GenerationSettings(seed=8, max_new_tokens=25))
+        early_updates = iter(early)  # kept: a dropped iterator cancels its request
+        next(early_updates)
+        joined = final(engine.submit(ids(demo_tokenizer, PROMPTS[1]), late))  # joins mid-flight
+        for (text, settings), result in [*zip(jobs, together, strict=True), ((PROMPTS[1], late), joined)]:
+            alone = solo(sliding_model, demo_tokenizer, text, settings)
+            assert (result.text, result.new_tokens) == (alone.text, alone.new_tokens), text
+        assert [u for u in early_updates if u.queue_position is None][-1].finished
+    finally:
+        engine.close()

@@ -13,7 +13,7 @@ from backend.errors import BadInput
 from backend.inspector import Inspector
 from backend.loading import ModelSpec
 from backend.model_holder import ModelHolder
-from backend.prompting import Turn
+from backend.prompting import Turn, render_chat
 from backend.settings import GenerationSettings, ServerLimits
 from ui.inspector_view import distribution_html
 
@@ -113,8 +113,12 @@ def test_step_text_appends_one_token(service):
 
 
 def test_chat_context_renders_the_conversation(service):
-    context = service.chat_context([Turn("hello", "hi there")], "Be brief.")
+    history = [Turn("hello", "hi there")]
+    context = service.chat_context(history, "Be brief.")
     assert context.endswith("hi there") and "hello" in context and "Be brief." in context
+    # Exactly how the model reads the reply once the chat goes on (the space after "ASSISTANT:" too).
+    tokenizer = service.holder.get().tokenizer
+    assert render_chat(tokenizer, "Be brief.", history, "next")[0].startswith(context)
     with pytest.raises(BadInput, match="chat is empty"):
         service.chat_context([], "")
 

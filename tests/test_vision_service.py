@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -125,3 +126,47 @@ def test_image_streams_run_on_threads_that_end(llava, blip2, image_zoo, monkeypa
     for thread in ran_on:
         thread.join(5)
         assert thread is not threading.current_thread() and not thread.is_alive()
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2"])
+def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone(
+    name, request, image_zoo, monkeypatch
+):
+    """Image requests join one batch (prefill alone with the image, then decode together)."""
+    from backend.images import load_image
+    from backend.vision import caption_stream, engine_model
+
+    service = request.getfixturevalue(name)
+    loaded = service.holder.get()
+    images = [str(path) for path in list(image_zoo["good"].values())[:3]]
+    jobs = [
+        (images[0], "", GenerationSettings(seed=11, max_new_tokens=12, temperature=0.9)),
+        (images[1], "What is it?", GenerationSettings(mode="greedy", max_new_tokens=9)),
+        (images[2], "", GenerationSettings(seed=5, max_new_tokens=12, top_k=5, repetition_penalty=1.2)),
+    ]
+    decoder = engine_model(loaded)
+    calls = []
+    original = decoder.forward
+
+    def slow_forward(*args, **kwargs):  # slow enough that the three requests overlap
+        calls.append(1)
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", slow_forward)
+    streams = [service.caption(image, prompt, settings) for image, prompt, settings in jobs]
+    results = [None] * len(streams)
+
+    def drain(index):
+        results[index] = list(streams[index])[-1]
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    together_calls = len(calls)
+    for (image, prompt, settings), result in zip(jobs, results, strict=True):
+        alone = list(caption_stream(loaded, load_image(image), prompt, settings))[-1]
+        assert (result.text, result.new_tokens) == (alone.text, alone.new_tokens), (name, prompt)
+    assert together_calls < len(calls) - together_calls  # fewer forward passes than one at a time
