@@ -108,19 +108,22 @@ def test_same_seed_same_text_whatever_the_global_rng(demo_model, demo_tokenizer)
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_sampling_matches_generate_with_the_same_seed(demo_model, demo_tokenizer, prompt: str) -> None:
     # generate() samples from the global RNG; a fresh generator with the same seed draws the same numbers.
+    # Without top-k/top-p both draw over the whole vocabulary (with them we draw among the survivors
+    # only: test_sampling checks those warpers against transformers' and the draws' frequencies).
+    settings = settings_like(SAMPLE, top_k=0, top_p=1.0)
     ids = prompt_ids(demo_tokenizer, prompt)
-    ours = run(demo_model, demo_tokenizer, ids, SAMPLE)[-1].text
-    torch.manual_seed(SAMPLE.seed)
+    ours = run(demo_model, demo_tokenizer, ids, settings)[-1].text
+    torch.manual_seed(settings.seed)
     theirs = hf_generate(
         demo_model,
         demo_tokenizer,
         ids,
         do_sample=True,
-        temperature=SAMPLE.temperature,
-        top_k=SAMPLE.top_k,
-        top_p=SAMPLE.top_p,
-        repetition_penalty=SAMPLE.repetition_penalty,
-        max_new_tokens=SAMPLE.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=settings.repetition_penalty,
+        max_new_tokens=settings.max_new_tokens,
     )
     assert ours == theirs
 
