@@ -4,9 +4,11 @@ Our own small scheduler, because transformers' continuous batching measured 48-5
 requests here against 100-264 for one static batch, and has no per-request seed or stop strings;
 a static batch cannot take a request that arrives while it runs. See benchmarks/README.md.
 
-One thread owns the model. Each step it admits waiting requests (one prefill each), then runs one
-decode step for the whole batch: left-padded KV cache, per-row attention mask and positions. Rows
-leave at the next step when they finish or are cancelled, which frees their part of the cache.
+One thread owns the model while there is work (it ends when idle: see backend.torch_threads). Each
+step it admits waiting requests (newcomers share one left-padded prefill; one with its own prefill,
+an image's, runs alone), then runs one decode step for the whole batch: left-padded KV cache,
+per-row attention mask and positions. Rows leave at the next step when they finish or are
+cancelled, which frees their part of the cache. Beam searches run on threads of their own.
 """
 
 from __future__ import annotations
@@ -103,8 +105,9 @@ class _Row:
 class Engine:
     """Owns `model` for decoding; thread-safe `submit` from any number of request threads."""
 
-    def __init__(self, model, tokenizer, limits: EngineLimits | None = None):
+    def __init__(self, model, tokenizer, limits: EngineLimits | None = None, eos_model=None):
         self.model = model
+        self.eos_model = eos_model if eos_model is not None else model  # whose generation_config ends replies
         self.tokenizer = tokenizer
         self.limits = limits or EngineLimits()
         self._lock = threading.Condition()
@@ -142,7 +145,7 @@ class Engine:
                     "Try again in a moment."
                 )
             self._waiting.append(_Pending(handle, list(prompt_ids), settings.with_seed(), prefill))
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
                 self._thread.start()
             self._lock.notify()
@@ -201,7 +204,9 @@ class Engine:
             thread = self._thread
             self._lock.notify()
         if thread is not None and threading.current_thread() is not thread:
-            thread.join(timeout=10)
+            thread.join(timeout=60)
+            if thread.is_alive():
+                log.warning("The engine thread is still in a forward pass after 60 s; going on without it")
         atexit.unregister(self.close)
 
     def _position(self, handle: RequestHandle) -> int:
@@ -251,11 +256,14 @@ class Engine:
                 if self._rows:
                     self._decode_step()
                     self._drop_finished()
-            except Exception as error:  # a failed step fails its batch, never the engine
+            except Exception as error:  # a failed step fails its batch and its newcomers, never the engine
                 self._admitting = 0
                 log.exception("Decode step failed")
-                for row in self._rows:
-                    row.handle._put(error)
+                joined = {id(row.handle) for row in self._rows}
+                for handle in [row.handle for row in self._rows] + [
+                    pending.handle for pending in admitted if id(pending.handle) not in joined
+                ]:
+                    handle._put(error)
                 self._rows, self._cache, self._mask = [], None, None
         with self._lock:
             left = [row.handle for row in self._rows] + [pending.handle for pending in self._waiting]
@@ -274,7 +282,7 @@ class Engine:
                 continue
             pending.handle.started.set()
             try:
-                state = RequestState(self.model, self.tokenizer, pending.prompt_ids, pending.settings)
+                state = RequestState(self.eos_model, self.tokenizer, pending.prompt_ids, pending.settings)
             except Exception as error:
                 pending.handle._put(error)
                 continue

@@ -26,7 +26,8 @@ class EngineSlot:
             if self._engine is None or self._engine.model is not model:
                 if self._engine is not None:
                     self._engine.close(MODEL_SWITCHED)
-                self._engine = Engine(model, tokenizer, self.limits)
+                # A vision model's own generation_config names its end tokens, also when its LM decodes.
+                self._engine = Engine(model, tokenizer, self.limits, eos_model=loaded.model)
             return self._engine
 
     def pending(self) -> int:

@@ -11,7 +11,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -210,7 +210,7 @@ def _replan(holders: dict[str, ModelHolder], role: str, spec: ModelSpec) -> Mode
 
 
 class RequestCounter:
-    """Counts reply streams still running on a model (for services without an engine to ask)."""
+    """Counts work still running on a model that no engine counts (a switch waits for it)."""
 
     def __init__(self):
         self._count = 0
@@ -219,40 +219,16 @@ class RequestCounter:
     def __call__(self) -> int:
         return self._count
 
-    def track(self, replies: Iterator) -> Iterator:
+    def started(self) -> Callable[[], None]:
+        """Count one more; call what this returns when that work has stopped (more calls do nothing)."""
         with self._lock:
             self._count += 1
-        return _Counted(replies, self._done)
+        pending = [True]
 
-    def _done(self) -> None:
-        with self._lock:
-            self._count -= 1
+        def done() -> None:
+            with self._lock:
+                if pending:
+                    pending.clear()
+                    self._count -= 1
 
-
-class _Counted:
-    """Counts as running until exhausted, failed, closed or dropped (also if never started)."""
-
-    def __init__(self, replies: Iterator, done: Callable[[], None]):
-        self._replies, self._done = replies, done
-        self._open = True
-
-    def __iter__(self) -> _Counted:
-        return self
-
-    def __next__(self):
-        try:
-            return next(self._replies)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            close = getattr(self._replies, "close", None)
-            if close is not None:
-                close()
-            self._done()
-
-    def __del__(self) -> None:
-        self.close()
+        return done

@@ -44,7 +44,8 @@ class TopPWithinTopK:
     """TopKLogitsWarper then TopPLogitsWarper, with top-p run on the k survivors only.
 
     Ours because transformers' top-p sorts the whole vocabulary: 5 ms a step for 8 rows of 49k here.
-    Same result, except that a tie at the k-th score keeps exactly k (transformers keeps the tied too).
+    Same result, except on a tie at the k-th score, where this keeps exactly k and transformers keeps
+    every tied token (ties are common with bf16 logits; top-p then usually removes them anyway).
     """
 
     def __init__(self, top_k: int, top_p: float):
@@ -80,7 +81,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
     Ours because torch.multinomial over a whole 49k row took 1.5 ms here (10% of a batched decode
     step) when top-k had left 50 nonzero entries. A mostly nonzero row is drawn whole, exactly as
-    generate() draws it, so with no top-k/top-p the same seed gives generate()'s tokens.
+    generate() draws it: with no top-k/top-p (and a temperature high enough that softmax leaves
+    most of the row above 0) the same seed gives generate()'s tokens.
     """
     candidates = probs.nonzero().squeeze(-1)
     if candidates.numel() * 2 > probs.numel():

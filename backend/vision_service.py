@@ -20,7 +20,8 @@ from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
 from backend.settings import GenerationSettings, ServerLimits
 from backend.torch_threads import FreshThreadStream, call_on_fresh_thread
-from backend.vision import LLAVA_FAMILIES, caption_stream, chat_with_image_stream, engine_model
+from backend.vision import LLAVA_FAMILIES
+from backend.vision_generation import caption_stream, chat_with_image_stream, engine_model
 
 PIPELINES = ("auto", "vision", "caption")
 # Captions that feed the chat model are short and deterministic: the chat reply carries the sampling.
@@ -75,8 +76,9 @@ class VisionService:
         model = engine_model(loaded)
         if model is not None and settings.mode != "beam":
             engine = self._engines.get(loaded, model, loaded.tokenizer)
-            return self.running.track(call_on_fresh_thread(start, loaded, engine))
-        return self.running.track(FreshThreadStream(lambda: start(loaded, None)))
+            return call_on_fresh_thread(start, loaded, engine)  # the engine counts it from here on
+        # Counted from before its thread starts until that thread has stopped, however it stops.
+        return FreshThreadStream(lambda: start(loaded, None), on_end=self.running.started())
 
     def choose_pipeline(self, requested: str) -> str:
         if requested not in PIPELINES:

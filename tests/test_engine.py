@@ -237,7 +237,7 @@ def test_each_beam_search_runs_on_a_thread_that_ends(engine, demo_tokenizer, mon
     assert len(ran_on) == 2
     for thread in ran_on:
         thread.join(5)
-        assert not thread.is_alive() and thread is not engine._thread
+        assert not thread.is_alive() and thread.name == "beam"
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +280,51 @@ def test_sliding_window_models_batch_like_they_run_alone(sliding_model, demo_tok
         assert [u for u in early_updates if u.queue_position is None][-1].finished
     finally:
         engine.close()
+
+
+def test_the_engine_thread_ends_when_idle_and_the_next_request_starts_another(demo_model, demo_tokenizer):
+    engine = Engine(demo_model, demo_tokenizer, EngineLimits(idle_seconds=0.1))
+    try:
+        settings = GenerationSettings(seed=1, max_new_tokens=4)
+        first = final(engine.submit(ids(demo_tokenizer, "Hello"), settings))
+        thread = engine._thread
+        thread.join(5)
+        assert not thread.is_alive() and engine._thread is None  # its OpenMP team went with it
+        second = final(engine.submit(ids(demo_tokenizer, "Hello"), settings))
+        assert second.text == first.text and engine._thread is not thread
+    finally:
+        engine.close()
+
+
+def test_a_newcomer_that_cannot_join_fails_with_the_batch_instead_of_hanging(
+    engine, demo_tokenizer, monkeypatch
+):
+    running = iter(engine.submit(ids(demo_tokenizer, "a"), GenerationSettings(seed=1, max_new_tokens=200)))
+    next(running)  # decoding
+
+    def broken(*args):
+        raise RuntimeError("cannot stack the caches")
+
+    monkeypatch.setattr(engine_module, "_stack_caches", broken)
+    newcomer = engine.submit(ids(demo_tokenizer, "b"), GenerationSettings(seed=2, max_new_tokens=5))
+    outcomes = {}
+
+    def drain(name, updates):
+        try:
+            list(updates)
+            outcomes[name] = "finished"
+        except RuntimeError as error:
+            outcomes[name] = str(error)
+
+    threads = [
+        threading.Thread(target=drain, args=item) for item in [("running", running), ("new", newcomer)]
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes.get("new") == "cannot stack the caches"
+    monkeypatch.undo()
+    assert final(
+        engine.submit(ids(demo_tokenizer, "c"), GenerationSettings(seed=3, max_new_tokens=3))
+    ).finished

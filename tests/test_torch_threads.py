@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -141,15 +142,48 @@ def test_an_error_mid_stream_raises_from_next():
         next(stream)
 
 
-def test_close_stops_an_endless_source_and_waits_for_it():
+def test_close_stops_an_endless_source_without_waiting_for_it():
     events: list = []
-    stream = FreshThreadStream(counting(events))
+    ended = threading.Event()
+    stream = FreshThreadStream(counting(events), on_end=ended.set)
     assert next(stream) == 0
     stream.close()
-    made = sum(1 for kind, _ in events if kind == "item")
-    time.sleep(0.1)
-    assert sum(1 for kind, _ in events if kind == "item") == made  # nothing made after close returned
-    assert events[-1][0] == "closed"  # the source's own cleanup ran (on the producer thread)
-    assert events[-1][1] is not threading.current_thread()
     with pytest.raises(StopIteration):
         next(stream)
+    assert ended.wait(5)
+    made = sum(1 for kind, _ in events if kind == "item")
+    time.sleep(0.1)
+    assert sum(1 for kind, _ in events if kind == "item") == made  # nothing made after the end
+    assert events[-1][0] == "closed"  # the source's own cleanup ran (on the producer thread)
+    assert events[-1][1] is not threading.current_thread()
+
+
+def test_a_dropped_stream_stops_its_producer_and_reports_the_end():
+    events: list = []
+    ended = threading.Event()
+    stream = FreshThreadStream(counting(events), on_end=ended.set)
+    assert next(stream) == 0
+    del stream
+    gc.collect()
+    assert ended.wait(5)  # the producer held no reference to the stream, so dropping it closed it
+    assert events[-1][0] == "closed"
+
+
+def test_on_end_runs_however_the_producer_stops():
+    def broken_start():
+        raise ValueError("bad image")
+
+    def failing_start():
+        def items():
+            yield 1
+            raise ValueError("in the middle")
+
+        return items()
+
+    ended = [threading.Event() for _ in range(3)]
+    assert list(FreshThreadStream(counting([], limit=2), on_end=ended[0].set)) == [0, 1]
+    with pytest.raises(ValueError, match="in the middle"):
+        list(FreshThreadStream(failing_start, on_end=ended[1].set))
+    with pytest.raises(ValueError, match="bad image"):
+        FreshThreadStream(broken_start, on_end=ended[2].set)
+    assert all(event.wait(5) for event in ended)

@@ -22,11 +22,8 @@ from backend.vision import (
     LoadedVision,
     UnsupportedModel,
     caption_prompt,
-    caption_stream,
-    chat_with_image_stream,
     detect_family,
     encode_image_prompt,
-    image_prefill,
     load_vision_model,
     render_llava_chat,
 )
@@ -37,6 +34,7 @@ from backend.vision_demo import (
     build_demo_vision_model,
     demo_vision_model_dir,
 )
+from backend.vision_generation import caption_stream, chat_with_image_stream, image_prefill
 
 FAMILY = {DEMO_BLIP2: "blip-2", DEMO_INSTRUCTBLIP: "instructblip", DEMO_LLAVA: "llava"}
 GREEDY = GenerationSettings(seed=0, mode="greedy", repetition_penalty=1.0, max_new_tokens=8)

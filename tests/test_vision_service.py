@@ -134,7 +134,7 @@ def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone
 ):
     """Image requests join one batch (prefill alone with the image, then decode together)."""
     from backend.images import load_image
-    from backend.vision import caption_stream, engine_model
+    from backend.vision_generation import caption_stream, engine_model
 
     service = request.getfixturevalue(name)
     loaded = service.holder.get()
