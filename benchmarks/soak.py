@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/soak.py                       # 16 clients, 180 s, demo models
     .venv/bin/python benchmarks/soak.py --clients 4 --seconds 10
 
-Clients mix settings (sample/greedy/beam, stop words, lengths), cancel some replies part-way and
-send some invalid requests. The run passes when no valid request failed, every invalid one got a
+Clients mix settings (sample/greedy/beam, stop words, lengths), ask for image captions (which
+share the vision model's batching engine), cancel some replies part-way and send some invalid
+requests and files that are not images. The run passes when no valid request failed, every invalid one got a
 clear error, and memory is flat: after a warm-up at full concurrency, the process's RSS
 (server and clients) grew by less than --max-rss-growth-mb over the second half of the run.
 """
@@ -36,6 +37,7 @@ INVALID = [
 @dataclass
 class Tally:
     valid_ok: int = 0
+    captions_ok: int = 0  # of valid_ok
     valid_failed: int = 0
     invalid_refused: int = 0
     invalid_wrong: int = 0
@@ -65,8 +67,30 @@ def valid_request(rng: random.Random) -> dict:
     }
 
 
-def client(url: str, index: int, deadline: float, max_requests: int, tally: Tally) -> None:
-    from gradio_client import Client
+def caption_request(rng: random.Random) -> dict:
+    mode = rng.choice(["sample", "greedy"])
+    return {
+        "prompt": rng.choice(["", "What is in it?"]),
+        "seed": rng.randrange(0, 10_000),
+        "mode": mode,
+        "top_k": rng.choice([0, 10, 50]),
+        "max_new_tokens": rng.randrange(4, 24),
+    }
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    """A picture to caption and a text file named like one, which must be refused clearly."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good, bad = folder / "picture.png", folder / "notes.png"
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(good)
+    bad.write_text("these are notes, not pixels")
+    return {"good": good, "bad": bad}
+
+
+def client(url: str, index: int, deadline: float, max_requests: int, tally: Tally, images: dict) -> None:
+    from gradio_client import Client, handle_file
 
     rng = random.Random(index)
     api = Client(url, verbose=False)
@@ -82,13 +106,39 @@ def client(url: str, index: int, deadline: float, max_requests: int, tally: Tall
             except Exception as error:
                 good = words in str(error)
                 tally.add("invalid_refused" if good else "invalid_wrong", None if good else str(error)[:200])
-        elif roll < 0.25:
+        elif roll < 0.2:
             job = api.submit(
                 api_name="/chat", **{**valid_request(rng), "max_new_tokens": 200, "mode": "sample"}
             )
             time.sleep(rng.uniform(0.05, 0.5))
             job.cancel()
             tally.add("cancelled")
+        elif roll < 0.25 and images:
+            image = handle_file(str(images["good"]))
+            job = api.submit(
+                api_name="/caption", image=image, **{**caption_request(rng), "max_new_tokens": 200}
+            )
+            time.sleep(rng.uniform(0.05, 0.5))
+            job.cancel()
+            tally.add("cancelled")
+        elif roll < 0.28 and images:
+            try:
+                api.predict(
+                    api_name="/caption", image=handle_file(str(images["bad"])), **caption_request(rng)
+                )
+                tally.add("invalid_wrong", "accepted a text file as an image")
+            except Exception as error:
+                good = "not an image" in str(error)
+                tally.add("invalid_refused" if good else "invalid_wrong", None if good else str(error)[:200])
+        elif roll < 0.4 and images:
+            try:
+                api.predict(
+                    api_name="/caption", image=handle_file(str(images["good"])), **caption_request(rng)
+                )
+                tally.add("valid_ok")
+                tally.add("captions_ok")
+            except Exception as error:
+                tally.add("valid_failed", f"caption {type(error).__name__}: {str(error)[:200]}")
         else:
             try:
                 api.predict(api_name="/chat", **valid_request(rng))
@@ -98,11 +148,11 @@ def client(url: str, index: int, deadline: float, max_requests: int, tally: Tall
 
 
 def run_clients(
-    url: str, clients: int, seconds: float, max_requests: int, tally: Tally, seed_offset=0
+    url: str, clients: int, seconds: float, max_requests: int, tally: Tally, images: dict, seed_offset=0
 ) -> None:
     deadline = time.time() + seconds
     threads = [
-        threading.Thread(target=client, args=(url, seed_offset + i, deadline, max_requests, tally))
+        threading.Thread(target=client, args=(url, seed_offset + i, deadline, max_requests, tally, images))
         for i in range(clients)
     ]
     for thread in threads:
@@ -117,13 +167,17 @@ def soak(
     max_requests: int,
     max_rss_growth_mb: float,
     model: str = "demo:tiny-llama-chat",
+    vision_model: str = "demo:tiny-llava",
 ) -> dict:
+    import tempfile
+
     from app import create_app
     from backend.app_config import parse_config
 
     config = parse_config(
-        ["--model", model, "--vision-model", "none", "--dtype", "float32"], has_gpu=False, env={}
+        ["--model", model, "--vision-model", vision_model, "--dtype", "float32"], has_gpu=False, env={}
     )
+    images = write_images(Path(tempfile.mkdtemp(prefix="soak-images-"))) if vision_model != "none" else {}
     demo, _ = create_app(config, load_in_background=False)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     process = psutil.Process()
@@ -131,13 +185,13 @@ def soak(
     try:
         # Warm up at full concurrency first: thread arenas and caches reach their working size,
         # so what grows afterwards is what would keep growing.
-        run_clients(demo.local_url, clients, warm_up, max_requests, Tally(), seed_offset=1000)
+        run_clients(demo.local_url, clients, warm_up, max_requests, Tally(), images, seed_offset=1000)
         rss_start = process.memory_info().rss
         tally = Tally()
         samples: list[float] = []
         started = time.time()
         runner = threading.Thread(
-            target=run_clients, args=(demo.local_url, clients, seconds, max_requests, tally)
+            target=run_clients, args=(demo.local_url, clients, seconds, max_requests, tally, images)
         )
         runner.start()
         while runner.is_alive():
