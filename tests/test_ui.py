@@ -158,7 +158,7 @@ def test_token_view_covers_the_visible_reply_and_escapes(service):
         assert 0.0 < token.probability <= 1.0
         assert token.alternatives[0][1] >= token.probability or token.alternatives[0][0] == token.text
     page = tokens_html(reply.tokens, reply.text)
-    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', page)
+    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', page, flags=re.DOTALL)  # a token may be "\n"
     assert html.unescape("".join(spans)).strip() == reply.text
     fake = [SimpleNamespace(text="<b>", probability=0.5, alternatives=(("<b>", 0.5),)), *reply.tokens]
     assert "<b>" not in tokens_html(fake, "<b>")
@@ -170,7 +170,8 @@ def test_token_view_stops_at_the_stop_word(service):
     cut = list(
         service.chat("Hello", [], GenerationSettings(mode="greedy", max_new_tokens=30, stop_words=(stop,)))
     )
-    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', tokens_html(cut[-1].tokens, cut[-1].text))
+    page = tokens_html(cut[-1].tokens, cut[-1].text)
+    spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', page, flags=re.DOTALL)
     assert html.unescape("".join(spans)).strip() == full[: full.index(stop)].strip()
 
 
