@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from backend.generation import generate_beam, stream_generate
 from backend.loading import ModelSpec
 from backend.model_holder import ModelHolder
 from backend.settings import GenerationSettings, ServerLimits
+from tests.streams import last_items_together
 from ui.controls import build_controls
 
 LIMITS = ServerLimits()
@@ -134,16 +134,7 @@ def test_each_row_of_one_batch_uses_its_own_adapter(service, monkeypatch):
     names = ["alpha", "", "beta", "alpha", ""]
     jobs = [(PROMPTS[0], name) for name in names[:3]] + [(PROMPTS[1], "alpha"), (PROMPTS[2], "")]
     streams = [service.complete(text, settings_with(adapter=name)) for text, name in jobs]
-    results = [None] * len(streams)
-
-    def drain(index):
-        results[index] = list(streams[index])[-1]
-
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    results = last_items_together(streams)
     # One prefill for all (the engine gathers arrivals), then one step per token: one batch.
     assert forwards["n"] <= GREEDY.max_new_tokens
     monkeypatch.undo()

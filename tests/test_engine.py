@@ -12,6 +12,7 @@ from backend.engine import Engine, EngineLimits
 from backend.errors import ServerBusy
 from backend.generation import generate_beam, stream_generate
 from backend.settings import GenerationSettings
+from tests.streams import last_items_together
 
 PROMPTS = ["Hello there", "The weather today is", "Tell me a long story about a cat and a dog", "Hi"]
 
@@ -53,17 +54,7 @@ class ForwardCounter:
 def run_together(engine, tokenizer, jobs):
     """Submit every (text, settings) at once and collect final updates in order."""
     handles = [engine.submit(ids(tokenizer, text), settings) for text, settings in jobs]
-    results = [None] * len(handles)
-
-    def drain(index):
-        results[index] = final(handles[index])
-
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(handles))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
+    return last_items_together([(u for u in handle if u.queue_position is None) for handle in handles])
 
 
 def mixed_settings(index: int) -> GenerationSettings:

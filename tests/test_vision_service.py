@@ -15,6 +15,7 @@ from backend.model_holder import ModelHolder
 from backend.settings import GenerationSettings, ServerLimits
 from backend.vision import load_vision_model
 from backend.vision_service import VisionService
+from tests.streams import last_items_together
 from ui.messages import history_to_turns, image_paths, is_caption_note
 from ui.visual_chat import needs_vision_model, visual_turn
 
@@ -155,16 +156,7 @@ def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone
 
     monkeypatch.setattr(decoder, "forward", slow_forward)
     streams = [service.caption(image, prompt, settings) for image, prompt, settings in jobs]
-    results = [None] * len(streams)
-
-    def drain(index):
-        results[index] = list(streams[index])[-1]
-
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    results = last_items_together(streams)
     together_calls = len(calls)
     for (image, prompt, settings), result in zip(jobs, results, strict=True):
         alone = list(caption_stream(loaded, load_image(image), prompt, settings))[-1]
