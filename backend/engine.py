@@ -58,7 +58,7 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self.cancelled.set()
-        self._engine._wake()
+        self._engine._withdraw(self)
 
     def position(self) -> int:
         """1 for the next to start; 0 once it runs."""
@@ -162,8 +162,13 @@ class Engine:
             self._beam_jobs += 1
 
         def job():
-            self._beam_turns.acquire()
+            turn = False
             try:
+                # Waiting for a turn, a cancelled search gives its queue place back at once.
+                while not handle.cancelled.is_set() and not self._stopping:
+                    turn = self._beam_turns.acquire(timeout=self.limits.poll_seconds)
+                    if turn:
+                        break
                 if handle.cancelled.is_set():
                     handle._put(_DONE)
                     return
@@ -177,7 +182,8 @@ class Engine:
                 log.exception("Beam search failed")
                 handle._put(error)
             finally:
-                self._beam_turns.release()
+                if turn:
+                    self._beam_turns.release()
                 self._beam_slots.release()
                 with self._lock:
                     self._beam_jobs -= 1
@@ -216,9 +222,15 @@ class Engine:
                     return index + 1
         return 0
 
-    def _wake(self) -> None:
+    def _withdraw(self, handle: RequestHandle) -> None:
+        """A cancelled request leaves the queue now: it must not hold a place others are refused for."""
         with self._lock:
-            self._lock.notify()
+            for pending in self._waiting:
+                if pending.handle is handle:
+                    self._waiting.remove(pending)
+                    handle._put(_DONE)
+                    break
+            self._lock.notify()  # a running row leaves at the next step
 
     # ------------------------------------------------------------------ the engine thread
 

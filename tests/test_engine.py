@@ -150,8 +150,14 @@ def test_full_queue_says_busy_at_once_and_waiting_requests_know_their_place(demo
         waiting_stream = iter(waiting[1])
         update = next(waiting_stream)
         assert update.queue_position == 2 and update.text == ""
-        for handle in [running, *waiting]:
+        # Cancelled requests give their places back at once, to those behind and to newcomers.
+        waiting[0].cancel()
+        assert waiting[1].position() == 1
+        newcomer = engine.submit(ids(demo_tokenizer, "d"), settings)
+        assert newcomer.position() == 2 and engine.stats() == (1, 2)
+        for handle in [running, waiting[1], newcomer]:
             handle.cancel()
+        assert engine.stats()[1] == 0
     finally:
         engine.close()
 
@@ -319,3 +325,30 @@ def test_a_newcomer_that_cannot_join_fails_with_the_batch_instead_of_hanging(
     assert final(
         engine.submit(ids(demo_tokenizer, "c"), GenerationSettings(seed=3, max_new_tokens=3))
     ).finished
+
+
+def test_a_cancelled_waiting_beam_search_gives_its_place_back(demo_model, demo_tokenizer, monkeypatch):
+    engine = Engine(demo_model, demo_tokenizer, EngineLimits(max_queue=1, beam_workers=1, poll_seconds=0.02))
+    release = threading.Event()
+
+    def slow_beam(*args, **kwargs):
+        release.wait(30)
+        return generate_beam(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate_beam", slow_beam)
+    settings = GenerationSettings(mode="beam", num_beams=2, max_new_tokens=4)
+    try:
+        running = engine.submit_beam(ids(demo_tokenizer, "Hello"), settings)
+        waiting = engine.submit_beam(ids(demo_tokenizer, "Hi"), settings)
+        with pytest.raises(ServerBusy):
+            engine.submit_beam(ids(demo_tokenizer, "Hey"), settings)
+        waiting.cancel()
+        deadline = time.monotonic() + 5
+        while engine.pending() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        later = engine.submit_beam(ids(demo_tokenizer, "Hey"), settings)  # the cancelled one's place
+        release.set()
+        assert final(running).finished and final(later).finished
+    finally:
+        release.set()
+        engine.close()
