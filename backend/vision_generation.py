@@ -103,28 +103,29 @@ class ImagePrefill:
     decode_model: Callable[..., Any]  # each later single-token step
 
 
-def image_prefill(loaded: LoadedVision, inputs: dict) -> ImagePrefill:
-    model = loaded.model
-    prompt_ids = inputs["input_ids"][0].tolist()
-    if loaded.family in LLAVA_FAMILIES:
-
-        @torch.inference_mode()
-        def prefill():  # logits_to_keep: the prompt's logits would cost tokens x vocab floats
-            return model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-
-        return ImagePrefill(prompt_ids, prefill, model)
-    if model.config.use_decoder_only_language_model:
-        return ImagePrefill(prompt_ids, _blip_prefill(model, inputs), model.language_model)
-    prefill, step = _blip_seq2seq_steps(model, inputs)
-    return ImagePrefill([model.language_model.config.decoder_start_token_id], prefill, step)
-
-
 def engine_model(loaded: LoadedVision) -> torch.nn.Module | None:
     """The causal LM a batching engine decodes for this model (LLaVA itself, a decoder-only BLIP-2's
     language model); None for Flan-T5 BLIP-2, whose decoder steps need the encoder's output."""
     if loaded.family in LLAVA_FAMILIES:
         return loaded.model
     return loaded.model.language_model if loaded.model.config.use_decoder_only_language_model else None
+
+
+def image_prefill(loaded: LoadedVision, inputs: dict) -> ImagePrefill:
+    model = loaded.model
+    prompt_ids = inputs["input_ids"][0].tolist()
+    decoder = engine_model(loaded)
+    if loaded.family in LLAVA_FAMILIES:
+
+        @torch.inference_mode()
+        def prefill():  # logits_to_keep: the prompt's logits would cost tokens x vocab floats
+            return model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+
+        return ImagePrefill(prompt_ids, prefill, decoder)
+    if decoder is not None:
+        return ImagePrefill(prompt_ids, _blip_prefill(model, inputs), decoder)
+    prefill, step = _blip_seq2seq_steps(model, inputs)
+    return ImagePrefill([model.language_model.config.decoder_start_token_id], prefill, step)
 
 
 def _replies(
