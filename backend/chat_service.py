@@ -106,7 +106,7 @@ class ChatService:
 
     def engine(self, loaded) -> Engine:
         """The engine for the loaded model; a model switch gets a fresh one."""
-        return self._engines.get(loaded, loaded.model, loaded.tokenizer)
+        return self._engines.get(loaded, loaded.model)
 
     def inspector(self) -> Inspector:
         loaded = self.holder.get()

@@ -18,7 +18,7 @@ class EngineSlot:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
-    def get(self, loaded, model, tokenizer) -> Engine:
+    def get(self, loaded, model) -> Engine:
         """The engine decoding `model` (part of `loaded`, the holder's current model)."""
         with self._lock:
             if self.holder.get() is not loaded:  # switched since this request began: never revive the old
@@ -27,7 +27,7 @@ class EngineSlot:
                 if self._engine is not None:
                     self._engine.close(MODEL_SWITCHED)
                 # A vision model's own generation_config names its end tokens, also when its LM decodes.
-                self._engine = Engine(model, tokenizer, self.limits, eos_model=loaded.model)
+                self._engine = Engine(model, loaded.tokenizer, self.limits, eos_model=loaded.model)
             return self._engine
 
     def pending(self) -> int:

@@ -75,7 +75,7 @@ class VisionService:
         loaded = self.holder.get()
         model = engine_model(loaded)
         if model is not None and settings.mode != "beam":
-            engine = self._engines.get(loaded, model, loaded.tokenizer)
+            engine = self._engines.get(loaded, model)
             return call_on_fresh_thread(start, loaded, engine)  # the engine counts it from here on
         # Counted from before its thread starts until that thread has stopped, however it stops.
         return FreshThreadStream(lambda: start(loaded, None), on_end=self.running.started())
