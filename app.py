@@ -22,22 +22,22 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from backend.app_config import AppConfig, parse_config
-from backend.chat_service import ChatService
-from backend.engine import EngineLimits
-from backend.hub import ModelUnavailable
+from backend.config import AppConfig, parse_config
+from backend.decode.engine import EngineLimits
 from backend.images import ImageLimits
-from backend.loading import ModelSpec, plan_report, with_joint_plan
-from backend.model_holder import ModelHolder, plan_switches_together
-from backend.openai_api import build_openai_router
-from backend.openai_client import OpenAIClient
-from backend.prompt_log import PromptLog
-from backend.rate_limit import rate_limit_for
-from backend.remote_backend import RemoteChatService, RemoteHolder, RemoteVisionService
+from backend.models.demo_vision import DEMO_LLAVA
+from backend.models.holder import ModelHolder, plan_switches_together
+from backend.models.hub import ModelUnavailable
+from backend.models.loading import ModelSpec, plan_report, with_joint_plan
+from backend.models.vision_loading import load_vision_model
+from backend.openai_server.routes import build_openai_router
+from backend.remote.client import OpenAIClient
+from backend.remote.service import RemoteChatService, RemoteHolder, RemoteVisionService
+from backend.services.chat import ChatService
+from backend.services.prompt_log import PromptLog
+from backend.services.rate_limit import rate_limit_for
+from backend.services.vision import VisionService
 from backend.torch_threads import call_on_fresh_thread
-from backend.vision import load_vision_model
-from backend.vision_demo import DEMO_LLAVA
-from backend.vision_service import VisionService
 from ui.layout import CSS, TITLE, build_ui
 
 log = logging.getLogger("playground")

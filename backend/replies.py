@@ -17,7 +17,7 @@ class Reply:
     finish_reason: str | None = None
     notice: str | None = None  # e.g. that old turns were left out to fit the context window
     first_token_seconds: float | None = None
-    tokens: tuple = ()  # backend.generation.TokenChoice per generated token, on the final reply only
+    tokens: tuple = ()  # backend.decode.generation.TokenChoice per generated token, on the final reply only
     queue_position: int | None = None  # while waiting: 1 = next to start
     prompt_tokens: int | None = None  # the prompt's size as the model read it, for API usage counts
 
@@ -53,7 +53,7 @@ def replies_from_updates(
     prompt_tokens: int | None = None,
     strip_leading_space: bool = True,
 ) -> Iterator[Reply]:
-    """Replies from backend.generation.GenerationUpdate objects of one request with `settings`."""
+    """Replies from backend.decode.generation.GenerationUpdate objects of one request with `settings`."""
     tokens = []
     for update in updates:
         if update.queue_position is not None:

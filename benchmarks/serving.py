@@ -27,8 +27,8 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.demo_models import demo_text_model_dir  # noqa: E402
-from backend.engine import Engine, EngineLimits  # noqa: E402
+from backend.decode.engine import Engine, EngineLimits  # noqa: E402
+from backend.models.demo_text import demo_text_model_dir  # noqa: E402
 from backend.settings import GenerationSettings  # noqa: E402
 from backend.torch_threads import call_on_fresh_thread  # noqa: E402
 

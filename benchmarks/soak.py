@@ -172,7 +172,7 @@ def soak(
     import tempfile
 
     from app import create_app
-    from backend.app_config import parse_config
+    from backend.config import parse_config
 
     config = parse_config(
         ["--model", model, "--vision-model", vision_model, "--dtype", "float32"], has_gpu=False, env={}

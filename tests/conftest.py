@@ -26,7 +26,7 @@ def one_torch_thread() -> None:
 
 @pytest.fixture(scope="session")
 def demo_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backend.demo_models import demo_text_model_dir
+    from backend.models.demo_text import demo_text_model_dir
 
     return demo_text_model_dir(cache_root=tmp_path_factory.mktemp("demo"))
 
@@ -49,7 +49,7 @@ def demo_model(demo_text_dir: Path):
 @pytest.fixture(scope="session")
 def demo_vision_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cache root holding every demo vision model (tiny BLIP-2, InstructBLIP, LLaVA), built once."""
-    from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
+    from backend.models.demo_vision import DEMO_VISION_MODELS, demo_vision_model_dir
 
     root = tmp_path_factory.mktemp("vision-demo")
     for name in DEMO_VISION_MODELS:
@@ -59,7 +59,7 @@ def demo_vision_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_vision_dirs(demo_vision_cache: Path) -> dict[str, Path]:
-    from backend.vision_demo import DEMO_VISION_MODELS, demo_vision_model_dir
+    from backend.models.demo_vision import DEMO_VISION_MODELS, demo_vision_model_dir
 
     return {name: demo_vision_model_dir(name, cache_root=demo_vision_cache) for name in DEMO_VISION_MODELS}
 

@@ -10,14 +10,14 @@ import gradio as gr
 import pytest
 import torch
 
-from backend.adapters import AdapterSpec, parse_adapter, parse_adapters, rows_using
-from backend.app_config import parse_config
-from backend.chat_service import ChatService
-from backend.engine import EngineLimits
+from backend.config import parse_config
+from backend.decode.engine import EngineLimits
+from backend.decode.generation import generate_beam, stream_generate
 from backend.errors import InvalidSettings
-from backend.generation import generate_beam, stream_generate
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.adapters import AdapterSpec, parse_adapter, parse_adapters, rows_using
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
+from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
 from tests.streams import last_items_together
 from ui.controls import build_controls

@@ -9,7 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from app import create_app
-from backend.app_config import parse_config
+from backend.config import parse_config
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.app_config import CPU_DEFAULT, GPU_DEFAULT, parse_config
+from backend.config import CPU_DEFAULT, GPU_DEFAULT, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -69,7 +69,7 @@ def server(demo_text_dir, demo_vision_dirs):
     import uvicorn
 
     from app import create_server
-    from backend.app_config import parse_config
+    from backend.config import parse_config
 
     port = free_port()
     arguments = ["--model", str(demo_text_dir), "--dtype", "float32", "--host", "127.0.0.1"]

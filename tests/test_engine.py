@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-import backend.engine as engine_module
-from backend.engine import Engine, EngineLimits
+import backend.decode.engine as engine_module
+from backend.decode.engine import Engine, EngineLimits
+from backend.decode.generation import generate_beam, stream_generate
 from backend.errors import ServerBusy
-from backend.generation import generate_beam, stream_generate
 from backend.settings import GenerationSettings
 from tests.streams import last_items_together
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import backend.generation as generation
-from backend.generation import GenerationUpdate, generate_beam, stream_generate
+import backend.decode.generation as generation
+from backend.decode.generation import GenerationUpdate, generate_beam, stream_generate
+from backend.decode.stopping import REPLACEMENT_CHAR
 from backend.settings import GenerationSettings
-from backend.stopping import REPLACEMENT_CHAR
 
 PROMPTS = ["Hello there, how are you?", "Tell me about cows.", "What is the weather like?"]
 GREEDY = GenerationSettings(seed=0, mode="greedy", repetition_penalty=1.0, max_new_tokens=16)

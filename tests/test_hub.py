@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-import backend.hub as hub
-from backend.hub import ModelUnavailable, hub_reachable, is_offline, resolve_model_dir
+import backend.models.hub as hub
+from backend.models.hub import ModelUnavailable, hub_reachable, is_offline, resolve_model_dir
 
 CLOSED_LOOPBACK = "http://127.0.0.1:9"  # discard port on loopback: nothing listens, refused at once
 

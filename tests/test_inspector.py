@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-from backend.chat_service import ChatService
+from backend.decode.inspector import Inspector
 from backend.errors import BadInput
-from backend.inspector import Inspector
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
 from backend.prompting import Turn, render_chat
+from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
 from ui.inspector_view import distribution_html
 

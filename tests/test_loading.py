@@ -7,10 +7,10 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-import backend.loading as loading
-from backend.demo_models import DEMO_TEXT_MODEL
-from backend.generation import stream_generate
-from backend.loading import ModelSpec, choose_dtype, load_text_model, quantization_config
+import backend.models.loading as loading
+from backend.decode.generation import stream_generate
+from backend.models.demo_text import DEMO_TEXT_MODEL
+from backend.models.loading import ModelSpec, choose_dtype, load_text_model, quantization_config
 from backend.settings import GenerationSettings
 
 QUANTIZED_LINEAR = {"4bit": Linear4bit, "8bit": Linear8bitLt}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.chat_service import ChatService
 from backend.errors import BadInput, ModelNotReady
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
+from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
 from ui.banner import banner_markdown
 
@@ -139,9 +139,9 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(demo_text_di
 
 def test_the_vision_model_switches_too(demo_vision_dirs):
     from backend.images import ImageLimits
-    from backend.vision import load_vision_model
-    from backend.vision_demo import DEMO_LLAVA
-    from backend.vision_service import VisionService
+    from backend.models.demo_vision import DEMO_LLAVA
+    from backend.models.vision_loading import load_vision_model
+    from backend.services.vision import VisionService
 
     llava, blip = (str(demo_vision_dirs[name]) for name in ("demo:tiny-llava", "demo:tiny-blip2"))
     holder = ModelHolder(
@@ -163,7 +163,7 @@ def test_adapters_and_switching_end_to_end(demo_text_dir, other_text_dir, tmp_pa
     from gradio_client import Client
 
     from app import create_app
-    from backend.app_config import parse_config
+    from backend.config import parse_config
     from tests.test_adapters import build_adapter
 
     adapter = build_adapter(demo_text_dir, tmp_path / "alpha", seed=1)

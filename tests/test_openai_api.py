@@ -19,11 +19,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from backend.errors import ModelNotReady, ServerBusy
-from backend.model_holder import LoadStatus
-from backend.openai_api import build_openai_router
-from backend.openai_client import BackendError
-from backend.openai_responses import Interleaved
-from backend.openai_schema import (
+from backend.models.holder import LoadStatus
+from backend.openai_server.responses import Interleaved
+from backend.openai_server.routes import build_openai_router
+from backend.openai_server.schema import (
     IMAGE_ONLY_QUESTION,
     ApiError,
     ChatCompletionRequest,
@@ -32,6 +31,7 @@ from backend.openai_schema import (
     to_conversation,
 )
 from backend.prompting import Turn
+from backend.remote.client import BackendError
 from backend.replies import Reply
 from backend.settings import ServerLimits
 
@@ -212,7 +212,7 @@ def test_a_failure_mid_stream_is_an_error_event_then_done():
 @pytest.fixture(scope="module")
 def server(demo_text_dir, demo_vision_dirs):
     from app import create_server
-    from backend.app_config import parse_config
+    from backend.config import parse_config
 
     arguments = ["--model", str(demo_text_dir), "--dtype", "float32", "--api-key", KEY]
     arguments += ["--vision-model", str(demo_vision_dirs["demo:tiny-llava"]), "--max-upload-mb", "1"]

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from backend.app_config import parse_config
+from backend.config import parse_config
 from backend.errors import RateLimited
-from backend.rate_limit import ClientRateLimit, SlidingWindowLimiter, client_key, rate_limit_for
+from backend.services.rate_limit import ClientRateLimit, SlidingWindowLimiter, client_key, rate_limit_for
 from tests.test_openai_api import serving
 from ui.handlers import Metered, metered
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from backend.sampling import (
+from backend.decode.sampling import (
     build_logits_processor,
     choose_next_token,
     is_greedy,

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from backend.app_config import parse_config
-from backend.loading import ModelSpec, load_text_model
-from backend.prompt_log import PromptLog
+from backend.config import parse_config
+from backend.models.loading import ModelSpec, load_text_model
+from backend.models.vision_loading import load_vision_model
 from backend.replies import Reply
-from backend.vision import load_vision_model
+from backend.services.prompt_log import PromptLog
 from tests.test_openai_api import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,10 @@ def capture_from_pretrained(monkeypatch) -> list[tuple[str, object]]:
         original = cls.from_pretrained
 
         def recording(*args, _name=name, _original=original, **kwargs):
-            if sys._getframe(1).f_globals.get("__name__") in ("backend.loading", "backend.vision"):
+            if sys._getframe(1).f_globals.get("__name__") in (
+                "backend.models.loading",
+                "backend.models.vision_loading",
+            ):
                 seen.append((_name, kwargs.get("trust_remote_code", "not passed")))
             return _original(*args, **kwargs)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.stopping import REPLACEMENT_CHAR, StopCut, StopWordMatcher, safe_decode
+from backend.decode.stopping import REPLACEMENT_CHAR, StopCut, StopWordMatcher, safe_decode
 
 
 def safe_prefix(text: str, stop_words: tuple[str, ...]) -> tuple[str, bool]:

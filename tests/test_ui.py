@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from backend.chat_service import ChatService
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
+from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat

@@ -12,13 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.demo_models import MARKER_FILE
+from backend.decode.vision_replies import caption_stream, chat_with_image_stream, image_prefill
 from backend.errors import BadImage, ContextOverflow, UserError
-from backend.loading import ModelSpec
-from backend.prompting import Turn
-from backend.replies import Reply
-from backend.settings import GenerationSettings
-from backend.vision import (
+from backend.models.demo_text import MARKER_FILE
+from backend.models.demo_vision import (
+    DEMO_BLIP2,
+    DEMO_INSTRUCTBLIP,
+    DEMO_LLAVA,
+    build_demo_vision_model,
+    demo_vision_model_dir,
+)
+from backend.models.loading import ModelSpec
+from backend.models.vision_loading import (
     LoadedVision,
     UnsupportedModel,
     caption_prompt,
@@ -27,14 +32,9 @@ from backend.vision import (
     load_vision_model,
     render_llava_chat,
 )
-from backend.vision_demo import (
-    DEMO_BLIP2,
-    DEMO_INSTRUCTBLIP,
-    DEMO_LLAVA,
-    build_demo_vision_model,
-    demo_vision_model_dir,
-)
-from backend.vision_generation import caption_stream, chat_with_image_stream, image_prefill
+from backend.prompting import Turn
+from backend.replies import Reply
+from backend.settings import GenerationSettings
 
 FAMILY = {DEMO_BLIP2: "blip-2", DEMO_INSTRUCTBLIP: "instructblip", DEMO_LLAVA: "llava"}
 GREEDY = GenerationSettings(seed=0, mode="greedy", repetition_penalty=1.0, max_new_tokens=8)
@@ -116,7 +116,7 @@ def test_demo_name_loads_from_the_cache(demo_vision_cache: Path, monkeypatch: py
     def fail(*_):
         raise AssertionError("rebuilt although cached")
 
-    monkeypatch.setattr("backend.vision_demo.build_demo_vision_model", fail)
+    monkeypatch.setattr("backend.models.demo_vision.build_demo_vision_model", fail)
     model = load_vision_model(ModelSpec(DEMO_LLAVA, dtype="float32"))
     assert model.is_demo and model.family == "llava"
     assert model.path == demo_vision_model_dir(DEMO_LLAVA, demo_vision_cache)
@@ -150,7 +150,7 @@ def test_detect_family_ignores_the_name(demo_vision_dirs: dict[str, Path], tmp_p
 def test_gpu_plan_for_a_vision_config_needs_no_weights() -> None:
     from transformers import AutoModelForImageTextToText, LlavaConfig
 
-    from backend.device_plan import plan_device_map
+    from backend.placement.sizes import plan_device_map
 
     budgets = {0: 2 * 2**30, 1: 2 * 2**30}
     plan = plan_device_map(
@@ -211,7 +211,7 @@ def test_image_changes_first_step_logits(loaded: dict[str, LoadedVision], name: 
 
 @pytest.mark.parametrize("name", [DEMO_BLIP2, DEMO_INSTRUCTBLIP, DEMO_LLAVA])
 def test_greedy_caption_is_the_argmax_continuation(loaded: dict[str, LoadedVision], name: str) -> None:
-    from backend.generation import padded_token_ids
+    from backend.decode.generation import padded_token_ids
 
     model = loaded[name]
     final = reply(caption_stream(model, gradient(), "what is it?", GREEDY))

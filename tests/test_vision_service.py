@@ -7,14 +7,14 @@ import time
 
 import pytest
 
-from backend.chat_service import ChatService
 from backend.errors import BadImage, BadInput
 from backend.images import ImageLimits
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
+from backend.models.vision_loading import load_vision_model
+from backend.services.chat import ChatService
+from backend.services.vision import VisionService
 from backend.settings import GenerationSettings, ServerLimits
-from backend.vision import load_vision_model
-from backend.vision_service import VisionService
 from tests.streams import last_items_together
 from ui.messages import history_to_turns, image_paths, is_caption_note
 from ui.visual_chat import needs_vision_model, visual_turn
@@ -105,7 +105,7 @@ def test_visual_turn_refusals_keep_the_conversation(llava, image_zoo):
 
 def test_image_streams_run_on_threads_that_end(llava, blip2, image_zoo, monkeypatch):
     """Preprocessing and decoding leave the request thread: a lasting one would keep an OpenMP team."""
-    import backend.vision_service as vision_service
+    import backend.services.vision as vision_service
 
     ran_on = []
     for name in ("caption_stream", "chat_with_image_stream"):
@@ -134,8 +134,8 @@ def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone
     name, request, image_zoo, monkeypatch
 ):
     """Image requests join one batch (prefill alone with the image, then decode together)."""
+    from backend.decode.vision_replies import caption_stream, engine_model
     from backend.images import load_image
-    from backend.vision_generation import caption_stream, engine_model
 
     service = request.getfixturevalue(name)
     loaded = service.holder.get()

@@ -9,12 +9,12 @@ import types
 import gradio as gr
 import pytest
 
-from backend.chat_service import ChatService
 from backend.images import ImageLimits
-from backend.loading import ModelSpec
-from backend.model_holder import ModelHolder
+from backend.models.holder import ModelHolder
+from backend.models.loading import ModelSpec
+from backend.services.chat import ChatService
+from backend.services.vision import VisionService
 from backend.settings import ServerLimits
-from backend.vision_service import VisionService
 from backend.zero_gpu import on_gpu
 
 

@@ -22,7 +22,7 @@ def settings_values(arguments: dict) -> dict:
 def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_limit=None) -> None:
     """Call inside the Blocks context. Parameters mirror GenerationSettings (checked by a test).
 
-    `rate_limit`: a backend.rate_limit.ClientRateLimit every call counts against, or None.
+    `rate_limit`: a backend.services.rate_limit.ClientRateLimit every call counts against, or None.
     """
 
     @on_gpu

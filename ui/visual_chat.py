@@ -1,4 +1,4 @@
-"""Chat turns that involve an image: either pipeline of backend.vision_service, shown in the chat."""
+"""Chat turns that involve an image: either pipeline of backend.services.vision, shown in the chat."""
 
 from __future__ import annotations
 

@@ -1,0 +1,109 @@
+"""The next-token distribution before and after the warpers, for the Inspector tab and API.
+
+It applies exactly the processors generation uses (backend.decode.sampling), so what it shows is what
+sampling would draw from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from backend.decode.generation import input_device
+from backend.decode.sampling import (
+    build_logits_processor,
+    choose_next_token,
+    is_greedy,
+    make_generator,
+    mask_unknown_tokens,
+)
+from backend.decode.stopping import safe_decode
+from backend.models.adapters import rows_using
+from backend.settings import GenerationSettings
+
+MAX_LISTED_TOKENS = 100
+CACHED_CONTEXTS = 8  # moving a slider must not re-run the model over the same text
+
+
+@dataclass(frozen=True)
+class TokenProbability:
+    id: int
+    text: str
+    p_raw: float  # plain softmax of the logits
+    p_final: float  # after repetition penalty, temperature, top-k, top-p; 0 if removed
+
+
+@dataclass(frozen=True)
+class NextTokens:
+    tokens: list[TokenProbability]  # by p_raw, highest first
+    entropy_raw: float  # nats
+    entropy_final: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def entropy(probs: torch.Tensor) -> float:
+    nonzero = probs[probs > 0]
+    return float(-(nonzero * nonzero.log()).sum())
+
+
+def final_probabilities(
+    logits: torch.Tensor, input_ids: torch.Tensor, settings: GenerationSettings, vocab_size: int
+) -> torch.Tensor:
+    """The distribution generation samples from (one-hot for greedy), shape [vocab]."""
+    scores = build_logits_processor(settings)(input_ids, mask_unknown_tokens(logits[None, :], vocab_size))[0]
+    if is_greedy(settings):
+        one_hot = torch.zeros_like(scores)
+        one_hot[scores.argmax()] = 1.0
+        return one_hot
+    return torch.softmax(scores, dim=-1)
+
+
+class Inspector:
+    """Owns a small per-model cache of last-position logits; safe to share between requests."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._cache: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def logits(self, ids: list[int], adapter: str = "") -> torch.Tensor:
+        key = (adapter, *ids)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        with torch.inference_mode(), rows_using([adapter]):
+            tensor = torch.tensor([ids], dtype=torch.long, device=input_device(self.model))
+            logits = self.model(input_ids=tensor).logits[0, -1].float().cpu()
+        with self._lock:
+            self._cache[key] = logits
+            while len(self._cache) > CACHED_CONTEXTS:
+                self._cache.popitem(last=False)
+        return logits
+
+    def next_tokens(self, ids: list[int], settings: GenerationSettings, n: int) -> NextTokens:
+        n = max(1, min(n, MAX_LISTED_TOKENS))
+        logits = self.logits(ids, settings.adapter)
+        p_raw = torch.softmax(logits, dim=-1)
+        p_final = final_probabilities(logits, torch.tensor([ids]), settings, len(self.tokenizer))
+        top = torch.topk(p_raw, min(n, p_raw.numel()))
+        tokens = [
+            TokenProbability(int(i), safe_decode(self.tokenizer, [int(i)]), float(p), float(p_final[i]))
+            for p, i in zip(top.values, top.indices, strict=True)
+        ]
+        return NextTokens(tokens, entropy(p_raw), entropy(p_final))
+
+    def step(self, ids: list[int], settings: GenerationSettings) -> int:
+        """The token generation would pick next: argmax, or a draw seeded by (seed, position)."""
+        logits = self.logits(ids, settings.adapter)
+        scores = build_logits_processor(settings)(
+            torch.tensor([ids]), mask_unknown_tokens(logits[None, :], len(self.tokenizer))
+        )
+        generator = make_generator(max(settings.seed, 0) + len(ids), scores.device)
+        return int(choose_next_token(scores, settings, generator)[0])

@@ -1,0 +1,355 @@
+"""The OpenAI-compatible API under /v1, on the same server and engine as the Gradio app.
+
+GET /v1/models, POST /v1/chat/completions and POST /v1/completions, streamed as server-sent events
+or whole. Requests go through the ChatService / VisionService objects the UI uses, so they share
+the engine's batch and queue with browser users. Request parsing lives in backend.openai_server.schema.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+
+from backend.errors import (
+    BadImage,
+    ContextOverflow,
+    InvalidSettings,
+    ModelNotReady,
+    RateLimited,
+    ServerBusy,
+    UserError,
+)
+from backend.images import ImageLimits
+from backend.openai_server.responses import (
+    Interleaved,
+    Shape,
+    Started,
+    close_all,
+    finish_reason,
+    sse,
+    usage_of,
+)
+from backend.openai_server.schema import (
+    CHAT_MAX_TOKENS,
+    COMPLETION_MAX_TOKENS,
+    PARAM_NAMES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Conversation,
+    SamplingRequest,
+    parse_request,
+    plan_choices,
+    refuse_unsupported,
+    to_conversation,
+)
+from backend.remote.client import BackendError
+from backend.replies import Reply
+from backend.settings import ServerLimits
+
+log = logging.getLogger(__name__)
+
+OWNER = "chat-caption-playground"
+LOCAL_EXTENSIONS = frozenset({"top_k", "repetition_penalty", "use_beam_search", "num_beams"})
+IMAGE_EXTENSIONS = frozenset({"image_url", "image_pipeline"})
+END = object()
+# Typed user errors -> (HTTP status, OpenAI-style code). The first match wins.
+STATUSES: tuple[tuple[type[UserError], int, str | None], ...] = (
+    (RateLimited, 429, "rate_limit_exceeded"),
+    (ServerBusy, 429, "server_busy"),
+    (ModelNotReady, 503, "model_not_ready"),
+    (ContextOverflow, 400, "context_length_exceeded"),
+    (InvalidSettings, 400, "invalid_setting"),
+    (BadImage, 400, "invalid_image"),
+    (UserError, 400, None),
+)
+
+
+def api_error(error: Exception) -> ApiError:
+    """Any exception as the error a client sees; unexpected ones are logged with their traceback."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, BackendError):  # remote mode: the server behind us failed
+        return ApiError(502, str(error), code="backend_error")
+    for kind, status, code in STATUSES:
+        if isinstance(error, kind):
+            field_name = getattr(error, "field", None)
+            refused = ApiError(status, str(error), PARAM_NAMES.get(field_name, field_name), code)
+            refused.retry_after = getattr(error, "retry_after", 1)
+            return refused
+    log.error("API request failed", exc_info=error)
+    return ApiError(500, f"Generation failed ({type(error).__name__}: {error}).")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    retry = {"Retry-After": str(getattr(error, "retry_after", 1))} if error.status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=retry)
+
+
+class OpenAIRoute(APIRoute):
+    """Every failure, auth included, leaves as OpenAI's error JSON with its status."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as error:
+                return error_response(api_error(error))
+
+        return handle
+
+
+def key_check(api_key: str | None) -> Callable:
+    async def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(
+                401,
+                "Missing or wrong API key: send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+
+    return require_key
+
+
+def rate_check(rate_limit) -> Callable:
+    """A dependency: the request counts against its client's --rate-limit (a ClientRateLimit, or None)."""
+
+    async def within_rate_limit(request: Request) -> None:
+        if rate_limit is not None:
+            rate_limit.admit(request)
+
+    return within_rate_limit
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Close the event generator (and with it the generation) however the response ends."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def next_item(items: Iterator):
+    """One step in a worker thread; a cancelled request waits for the step, then closes the stream."""
+    return await run_in_threadpool(next, items, END)
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON; a body over `limit` bytes is drained, not stored, and refused with 413."""
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        too_big = too_big or size > limit
+        if too_big and size > 8 * limit:
+            break  # stop draining an absurd body; the connection is closed after the answer
+        if not too_big:
+            chunks.append(chunk)
+    if too_big:
+        raise ApiError(413, f"The request body is over the {limit / 2**20:.1f} MiB this server accepts.")
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(400, f"The request body is not valid JSON ({error}).") from None
+
+
+class OpenAIApi:
+    def __init__(self, chat, vision, limits: ServerLimits, model_name, extensions: frozenset[str] | None):
+        self.chat, self.vision, self.limits = chat, vision, limits
+        self._model_name = model_name
+        default = LOCAL_EXTENSIONS | (IMAGE_EXTENSIONS if vision is not None else frozenset())
+        self.extensions = default if extensions is None else frozenset(extensions)
+        self.image_bytes = (vision.image_limits if vision is not None else ImageLimits()).max_bytes
+        self.body_limit = 3 * self.image_bytes + 32 * limits.max_input_chars + 2**16
+        self.created = int(time.time())
+
+    def served_name(self) -> str:
+        return self._model_name() if callable(self._model_name) else self._model_name
+
+    def check_model(self, name: str) -> None:
+        served = self.served_name()
+        if name not in (served, self.chat.holder.loaded_name):
+            raise ApiError(
+                404,
+                f"The model '{name}' does not exist; this server serves '{served}' (GET /v1/models).",
+                "model",
+                "model_not_found",
+            )
+
+    async def models(self) -> JSONResponse:
+        card = {
+            "id": self.served_name(),
+            "object": "model",
+            "created": self.created,
+            "owned_by": OWNER,
+            "extensions": sorted(self.extensions),  # what RemoteCapabilities reads
+        }
+        holder = self.chat.holder
+        if holder.status().state == "ready":
+            card["max_model_len"] = holder.get().context_window
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse_request(ChatCompletionRequest, await read_json(request, self.body_limit))
+        self.check_model(body.model)
+        refuse_unsupported(body, self.extensions)
+        conversation = to_conversation(body.messages, self.limits.max_input_chars, self.image_bytes)
+        if conversation.image is not None and self.vision is None:
+            raise ApiError(
+                400, "Images are turned off on this server (started with --vision-model none).", "messages"
+            )
+        plan = plan_choices(body, self.limits, CHAT_MAX_TOKENS, conversation.system_prompt)
+        started = await run_in_threadpool(self._start_chat, conversation, plan, body.image_pipeline)
+        return await self._respond(request, body, started, Shape(chat=True, model=body.model))
+
+    def _start_chat(self, conversation: Conversation, plan, pipeline: str) -> Started:
+        streams: list[Iterator[Reply]] = []
+        try:
+            for settings in plan:
+                if conversation.image is None:
+                    streams.append(self.chat.chat(conversation.message, conversation.history, settings))
+                    continue
+                result = self.vision.visual_chat(
+                    conversation.message, conversation.image, conversation.history, settings, pipeline
+                )
+                streams.append(result.replies)
+        except BaseException:
+            close_all(streams)
+            raise
+        return Started(streams, choices_per_prompt=len(streams))
+
+    async def completions(self, request: Request) -> Response:
+        body = parse_request(CompletionRequest, await read_json(request, self.body_limit))
+        self.check_model(body.model)
+        refuse_unsupported(body, self.extensions)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "'prompt' is an empty list.", "prompt")
+        limit = self.limits.max_input_chars
+        for index, prompt in enumerate(prompts):
+            if len(prompt) > limit:
+                raise ApiError(
+                    413,
+                    f"Prompt {index} is {len(prompt):,} characters; the limit is {limit:,}.",
+                    "prompt",
+                )
+        plan = plan_choices(body, self.limits, COMPLETION_MAX_TOKENS, prompts=len(prompts))
+        started = await run_in_threadpool(self._start_completions, prompts, plan)
+        prefixes = [prompt for prompt in prompts for _ in plan] if body.echo else []
+        return await self._respond(
+            request, body, started, Shape(chat=False, model=body.model, prefixes=prefixes)
+        )
+
+    def _start_completions(self, prompts: list[str], plan) -> Started:
+        streams: list[Iterator[Reply]] = []
+        try:
+            for prompt in prompts:
+                streams += [self.chat.complete(prompt, settings) for settings in plan]
+        except BaseException:
+            close_all(streams)
+            raise
+        return Started(streams, choices_per_prompt=len(plan))
+
+    async def _respond(
+        self, request: Request, body: SamplingRequest, started: Started, shape: Shape
+    ) -> Response:
+        merged = Interleaved(started.streams)
+        try:
+            first = await next_item(merged)  # errors before the first reply still get their HTTP status
+        except BaseException:
+            merged.close()
+            raise
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._events(merged, first, started, shape, include_usage)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return ClosingStreamingResponse(events, media_type="text/event-stream", headers=headers)
+        finals: dict[int, Reply] = {}
+        try:
+            item = first
+            while item is not END:
+                index, reply = item
+                if reply.queue_position is None:
+                    finals[index] = reply
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody to answer; `finally` stops the generation
+                item = await next_item(merged)
+        finally:
+            merged.close()
+        usage = usage_of(await run_in_threadpool(started.prompt_tokens, finals), finals)
+        return JSONResponse(shape.whole(finals, usage))
+
+    async def _events(self, merged: Interleaved, first, started: Started, shape: Shape, include_usage: bool):
+        sent: dict[int, str] = {}
+        finals: dict[int, Reply] = {}
+        try:
+            item = first
+            while item is not END:
+                index, reply = item
+                if reply.queue_position is not None:
+                    yield f": waiting, number {reply.queue_position} in line\n\n"  # an SSE comment
+                else:
+                    finals[index] = reply
+                    previous = sent.get(index)
+                    grows = reply.text.startswith(previous or "")  # never take back what was sent
+                    delta = reply.text[len(previous or "") :] if grows else ""
+                    if previous is None or delta:
+                        yield sse(shape.chunk(index, delta, first=previous is None))
+                        sent[index] = reply.text if grows else previous
+                    if reply.done:
+                        yield sse(shape.chunk(index, "", first=False, finish=finish_reason(reply)))
+                item = await next_item(merged)
+            if include_usage:
+                prompt_tokens = await run_in_threadpool(started.prompt_tokens, finals)
+                yield sse(shape.usage_chunk(usage_of(prompt_tokens, finals)))
+        except Exception as error:  # headers are sent: the error goes into the stream, as vLLM does
+            yield sse(api_error(error).body())
+        finally:
+            merged.close()
+        yield sse("[DONE]")
+
+
+def build_openai_router(
+    chat,
+    vision,
+    api_key: str | None,
+    model_name: str | Callable[[], str],
+    limits: ServerLimits | None = None,
+    extensions: frozenset[str] | None = None,
+    rate_limit=None,
+) -> APIRouter:
+    """The /v1 routes over `chat` (a ChatService or RemoteChatService) and `vision` (or None).
+
+    `model_name` is the id clients send (a callable when it is only known later, e.g. remote);
+    `extensions` are the non-OpenAI parameters accepted (default: all of ours); `rate_limit` (a
+    backend.services.rate_limit.ClientRateLimit) counts generation requests per client, after the key check.
+    """
+    api = OpenAIApi(chat, vision, limits or ServerLimits(), model_name, extensions)
+    router = APIRouter(prefix="/v1", route_class=OpenAIRoute, dependencies=[Depends(key_check(api_key))])
+    router.add_api_route("/models", api.models, methods=["GET"])
+    limited = [Depends(rate_check(rate_limit))]
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"], dependencies=limited)
+    router.add_api_route("/completions", api.completions, methods=["POST"], dependencies=limited)
+
+    async def unknown(path: str) -> Response:
+        raise ApiError(404, f"There is no endpoint /v1/{path} (see GET /v1/models).", code="unknown_url")
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    router.add_api_route("/{path:path}", unknown, methods=methods, include_in_schema=False)
+    return router

@@ -1,0 +1,529 @@
+"""Place the chat model and the vision model together: GPUs within their budgets, then CPU RAM, then disk.
+
+Planned on the meta device from the configs alone (no weights), so it works for GPUs that are not there.
+Policy, also in the README ("Planning devices"):
+
+- Units are placed whole: every `_no_split_modules` class (decoder layers), tied weights with their source,
+  and a vision model's projector with its language model's input embeddings (image features and token
+  embeddings meet on one device). Sizes are what from_pretrained will hold: bitsandbytes quantizes plain
+  Linear layers only, never the output head or `_keep_in_fp32_modules`, and leaves offloaded modules
+  unquantized.
+- Each GPU a model runs on keeps room for that model's activations and for the KV cache of the layers it
+  holds. The first GPU of a model also keeps the KV cache of its offloaded layers and room to copy in the
+  largest of them (accelerate runs offloaded layers there). A model without a GPU keeps all that in RAM.
+- The chat model has first claim on the GPUs. The vision model goes whole onto the smallest GPU that
+  holds it if the chat model still fits entirely on the GPUs beside it. Otherwise the chat model is placed
+  first and the vision model takes what is left: whole on a GPU, else whole on the CPU, else split.
+- The chat model's layers are balanced over the GPUs in proportion to their free room; what does not fit
+  goes to the CPU, then to disk. `fits` is False when anything must go to disk.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+from backend.placement.sizes import (
+    DevicePlan,
+    Unit,
+    activation_bytes,
+    kv_cache_bytes,
+    meta_model_from_config,
+    model_units,
+)
+
+Device = int | str  # a GPU index, "cpu" or "disk"
+ROLES = ("text", "vision")
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    role: str  # "text" (the chat model) or "vision"
+    name: str
+    config: Any  # a transformers config
+    quantization: str  # none | 8bit | 4bit
+    dtype: torch.dtype  # compute dtype
+    context_length: int
+    batch_size: int = 1
+
+    @property
+    def model_class(self):
+        return AutoModelForCausalLM if self.role == "text" else AutoModelForImageTextToText
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    budget_bytes: int
+    planned_bytes: int = 0  # weights
+    reserved_bytes: int = 0  # KV cache and activations
+
+
+@dataclass(frozen=True)
+class ModelPlacement:
+    role: str
+    name: str
+    dtype: torch.dtype
+    quantization: str
+    device_map: dict[str, Device]  # as from_pretrained takes it: GPUs as ints
+    total_bytes: int  # weights as placed (offloaded parts unquantized)
+    warnings: tuple[str, ...] = ()
+
+    def parts_on(self, device: Device) -> list[str]:
+        """Which modules sit on `device`, with runs of layers shortened: "model.layers.0–15"."""
+        keys = [key for key, place in self.device_map.items() if place == device]
+        return ["whole model"] if keys == [""] else shorten_ranges(keys)
+
+
+@dataclass(frozen=True)
+class JointPlan:
+    devices: dict[Device, DeviceUse]  # GPUs in order, then "cpu" and "disk"
+    models: tuple[ModelPlacement, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        """Nothing needs to go to disk."""
+        return self.devices["disk"].planned_bytes == 0
+
+    def model(self, role: str) -> ModelPlacement:
+        return next(m for m in self.models if m.role == role)
+
+    def device_plan(self, role: str) -> DevicePlan:
+        """One model's part, as the loaders take it; budgets and reservations are the devices' totals."""
+        placement = self.model(role)
+        budgets = {d: use.budget_bytes for d, use in self.devices.items() if d != "disk"}
+        reserved = {d: use.reserved_bytes for d, use in self.devices.items() if use.reserved_bytes}
+        return DevicePlan(
+            placement.device_map, budgets, reserved, self.warnings, dtype=placement.dtype, joint=self
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "devices": {
+                str(d): {
+                    "budget_bytes": use.budget_bytes,
+                    "planned_bytes": use.planned_bytes,
+                    "reserved_bytes": use.reserved_bytes,
+                }
+                for d, use in self.devices.items()
+            },
+            "models": [
+                {
+                    "role": m.role,
+                    "name": m.name,
+                    "dtype": dtype_name(m.dtype),
+                    "quantization": m.quantization,
+                    "total_bytes": m.total_bytes,
+                    "device_map": {key: str(place) for key, place in m.device_map.items()},
+                }
+                for m in self.models
+            ],
+            "fits": self.fits,
+            "warnings": list(self.warnings),
+        }
+
+    def view(self, in_use: dict[str, int] | None = None) -> dict:
+        """Plain data for the System tab: per device its numbers and the modules of each model on it."""
+        devices = []
+        for d, use in self.devices.items():
+            models = [
+                {"role": m.role, "name": m.name, "parts": m.parts_on(d)} for m in self.models if m.parts_on(d)
+            ]
+            if d == "disk" and not models:
+                continue
+            devices.append(
+                {
+                    "key": str(d),
+                    "label": device_label(d),
+                    "budget_bytes": use.budget_bytes,
+                    "planned_bytes": use.planned_bytes,
+                    "reserved_bytes": use.reserved_bytes,
+                    "in_use_bytes": (in_use or {}).get(str(d)),
+                    "models": models,
+                }
+            )
+        return {"fits": self.fits, "warnings": list(self.warnings), "devices": devices}
+
+    def to_text(self) -> str:
+        lines = [f"Device plan: {'fits' if self.fits else 'DOES NOT FIT'}", ""]
+        lines.append(f"{'device':<8}{'budget':>12}{'weights':>12}{'reserved':>12}{'free':>12}")
+        for d, use in self.devices.items():
+            if d == "disk" and not use.planned_bytes:
+                continue
+            free = use.budget_bytes - use.planned_bytes - use.reserved_bytes
+            numbers = (use.budget_bytes, use.planned_bytes, use.reserved_bytes, free)
+            lines.append(f"{device_label(d):<8}" + "".join(f"{size_text(n):>12}" for n in numbers))
+        for m in self.models:
+            quantized = "not quantized" if m.quantization == "none" else m.quantization
+            lines += [
+                "",
+                f"{m.role}: {m.name} ({dtype_name(m.dtype)}, {quantized}, {size_text(m.total_bytes)})",
+            ]
+            for d in self.devices:
+                if parts := m.parts_on(d):
+                    lines.append(f"  {device_label(d)}: {', '.join(parts)}")
+        if self.warnings:
+            lines += ["", "Warnings:"] + [f"  - {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+@dataclass
+class _Model:
+    request: ModelRequest
+    units: list[Unit]
+    activation: int
+    loose_kv: int  # KV cache of layers the planner could not find: kept where the model runs
+
+    @property
+    def kv(self) -> int:
+        return sum(u.kv_bytes for u in self.units) + self.loose_kv
+
+    @property
+    def whole_bytes(self) -> int:
+        return sum(u.resident_bytes for u in self.units) + self.kv + self.activation
+
+
+@dataclass
+class _Ledger:
+    budgets: dict[Device, int]
+    planned: dict[Device, int] = field(default_factory=dict)
+    reserved: dict[Device, int] = field(default_factory=dict)
+
+    def free(self, device: Device) -> int:
+        return self.budgets[device] - self.planned.get(device, 0) - self.reserved.get(device, 0)
+
+    def copy(self) -> _Ledger:
+        return _Ledger(dict(self.budgets), dict(self.planned), dict(self.reserved))
+
+    def add(self, planned: dict[Device, int], reserved: dict[Device, int]) -> None:
+        for d, n in planned.items():
+            self.planned[d] = self.planned.get(d, 0) + n
+        for d, n in reserved.items():
+            self.reserved[d] = self.reserved.get(d, 0) + n
+
+
+@dataclass
+class _Placed:
+    places: list[Device]  # one per unit
+    planned: dict[Device, int]
+    reserved: dict[Device, int]
+
+    @property
+    def devices(self) -> list[Device]:
+        return list(dict.fromkeys(self.places))
+
+
+def plan_models(
+    requests: list[ModelRequest],
+    gpu_budgets: dict[int, int],
+    cpu_budget: int,
+    disk_budget: int | None = None,
+) -> JointPlan:
+    """Place at most one text and one vision model over the GPUs (hypothetical ones too), CPU and disk.
+
+    The caller's dicts are never changed.
+    """
+    roles = [r.role for r in requests]
+    if any(r not in ROLES for r in roles) or len(set(roles)) != len(roles):
+        raise ValueError(f"plan at most one model per role ({', '.join(ROLES)}); got {roles}")
+    gpus = sorted(gpu_budgets)
+    disk = disk_budget if disk_budget is not None else shutil.disk_usage(tempfile.gettempdir()).free
+    ledger = _Ledger({**{g: gpu_budgets[g] for g in gpus}, "cpu": cpu_budget, "disk": disk})
+    models = {r.role: _prepare(r) for r in requests}
+    text, vision = models.get("text"), models.get("vision")
+    placed: dict[str, _Placed] = {}
+    if vision is not None:
+        gpu = _vision_gpu_beside(vision, text, ledger, gpus)
+        if gpu is not None:
+            placed["vision"] = _commit(ledger, _whole(vision, gpu))
+    if text is not None:
+        placed["text"] = _commit(ledger, _split(text, ledger, gpus, balanced=True))
+    if vision is not None and "vision" not in placed:
+        placed["vision"] = _commit(ledger, _vision_in_what_is_left(vision, ledger, gpus, text is not None))
+    return _finish(models, placed, ledger)
+
+
+def _prepare(request: ModelRequest) -> _Model:
+    meta = meta_model_from_config(request.config, request.model_class)
+    dtype_bytes = request.dtype.itemsize
+    kv = kv_cache_bytes(request.config, request.context_length, request.batch_size, dtype_bytes)
+    units = model_units(meta, request.quantization, request.dtype, kv)
+    activation = activation_bytes(request.config, request.context_length, request.batch_size, dtype_bytes)
+    return _Model(request, units, activation, kv - sum(u.kv_bytes for u in units))
+
+
+def _vision_gpu_beside(vision: _Model, text: _Model | None, ledger: _Ledger, gpus: list[int]) -> int | None:
+    """The smallest GPU that holds the vision model whole while the chat model still fits the GPUs."""
+    for gpu in sorted((g for g in gpus if ledger.free(g) >= vision.whole_bytes), key=ledger.free):
+        if text is None:
+            return gpu
+        trial = ledger.copy()
+        _commit(trial, _whole(vision, gpu))
+        if all(isinstance(p, int) for p in _split(text, trial, gpus, balanced=True).places):
+            return gpu
+    return None
+
+
+def _vision_in_what_is_left(vision: _Model, ledger: _Ledger, gpus: list[int], cpu_whole: bool) -> _Placed:
+    """Whole on a GPU; beside a chat model that needs the GPUs, whole on the CPU; else split."""
+    for device in [*sorted(gpus, key=ledger.free), *(["cpu"] if cpu_whole else [])]:
+        if ledger.free(device) >= vision.whole_bytes:
+            return _whole(vision, device)
+    return _split(vision, ledger, gpus, balanced=False)
+
+
+def _whole(model: _Model, device: Device) -> _Placed:
+    weights = sum(u.resident_bytes for u in model.units)
+    return _Placed([device] * len(model.units), {device: weights}, {device: model.kv + model.activation})
+
+
+def _commit(ledger: _Ledger, placed: _Placed) -> _Placed:
+    ledger.add(placed.planned, placed.reserved)
+    return placed
+
+
+def _split(model: _Model, ledger: _Ledger, gpus: list[int], balanced: bool) -> _Placed:
+    """GPUs (balanced or filled in order), then CPU, then disk; never changes `ledger`.
+
+    The first GPU a model uses also keeps the KV cache of its offloaded layers and room to copy in the
+    largest of them. When it cannot, the next GPU is tried as the first; when none can, the model runs
+    on the CPU.
+    """
+    for start, main in enumerate(gpus):
+        usable, extra = gpus[start:], 0
+        while True:
+            rooms = [(g, ledger.free(g) - model.activation - (extra if g == main else 0)) for g in usable]
+            rooms = [(g, room) for g, room in rooms if room > 0]
+            places = _fill_gpus(model.units, rooms, balanced)
+            if balanced and None in places:
+                places = _fill_gpus(model.units, rooms, balanced=False)
+            if not rooms or rooms[0][0] != main or places[0] != main:
+                break  # this GPU cannot lead: try the next one
+            offloaded = [u for u, p in zip(model.units, places, strict=True) if p is None]
+            needed = model.loose_kv + sum(u.kv_bytes for u in offloaded)
+            needed += max((u.offloaded_bytes for u in offloaded), default=0)  # one copied in at a time
+            if needed <= extra:
+                return _spill(model, ledger, places, main, extra)
+            extra = needed  # only grows, so this ends
+    return _spill(model, ledger, [None] * len(model.units), None, 0)
+
+
+def _fill_gpus(units: list[Unit], rooms: list[tuple[int, int]], balanced: bool) -> list[Device | None]:
+    """Leaders in order onto the GPUs; balanced: each GPU takes its share of the total, by its room."""
+    leaders = [i for i, u in enumerate(units) if u.follows is None]
+    total = sum(units[i].gpu_bytes for i in leaders)
+    room_total = sum(room for _, room in rooms)
+    places: list[Device | None] = [None] * len(units)
+    k = 0
+    for n, (gpu, room) in enumerate(rooms):
+        last = n == len(rooms) - 1
+        target = room * min(total, room_total) // room_total if balanced and not last else room
+        used = 0
+        while k < len(leaders):
+            cost = units[leaders[k]].gpu_bytes
+            if used + cost > room or (used + cost / 2 > target and used > 0):
+                break
+            places[leaders[k]] = gpu
+            used += cost
+            k += 1
+    return _with_followers(units, places)
+
+
+def _with_followers(units: list[Unit], places: list) -> list:
+    return [places[u.follows] if u.follows is not None else p for u, p in zip(units, places, strict=True)]
+
+
+def _spill(model: _Model, ledger: _Ledger, places: list, main: int | None, extra: int) -> _Placed:
+    """Units left off the GPUs go to the CPU while it has room, then to disk, in order.
+
+    A model on no GPU runs on the CPU: its KV cache, activations and one disk part at a time live there.
+    Beside a GPU or beside disk, bitsandbytes leaves the CPU and disk parts unquantized.
+    """
+    units = model.units
+    on_gpu = main is not None
+    cpu_room = ledger.free("cpu") - (0 if on_gpu else model.kv + model.activation)
+    staging, unquantized = 0, on_gpu
+    while True:
+        spilled = _cpu_then_disk(units, places, cpu_room - staging, unquantized)
+        disk = [u for u, p in zip(units, spilled, strict=True) if p == "disk"]
+        needed = 0 if on_gpu else max((u.offloaded_bytes for u in disk), default=0)
+        if needed <= staging and (unquantized or not disk):
+            break
+        staging, unquantized = max(staging, needed), unquantized or bool(disk)  # only grow, so this ends
+    planned: dict[Device, int] = {}
+    reserved: dict[Device, int] = {}
+    for u, place in zip(units, spilled, strict=True):
+        full = place == "disk" or (place == "cpu" and unquantized)
+        planned[place] = planned.get(place, 0) + (u.offloaded_bytes if full else u.resident_bytes)
+        if isinstance(place, int):
+            reserved[place] = reserved.get(place, 0) + u.kv_bytes
+    for gpu in {p for p in spilled if isinstance(p, int)}:
+        reserved[gpu] += model.activation + (extra if gpu == main else 0)
+    if not on_gpu:
+        reserved["cpu"] = model.kv + model.activation + staging
+    return _Placed(spilled, planned, reserved)
+
+
+def _cpu_then_disk(units: list[Unit], places: list, cpu_room: int, unquantized: bool) -> list[Device]:
+    spilled, used, to_disk = list(places), 0, False
+    for i, u in enumerate(units):
+        if spilled[i] is not None or u.follows is not None:
+            continue
+        cost = u.offloaded_bytes if unquantized else u.resident_bytes
+        to_disk = to_disk or used + cost > cpu_room
+        spilled[i] = "disk" if to_disk else "cpu"
+        used += 0 if to_disk else cost
+    return _with_followers(units, spilled)
+
+
+def _finish(models: dict[str, _Model], placed: dict[str, _Placed], ledger: _Ledger) -> JointPlan:
+    devices = {
+        d: DeviceUse(budget, ledger.planned.get(d, 0), ledger.reserved.get(d, 0))
+        for d, budget in ledger.budgets.items()
+    }
+    placements = []
+    warnings = []
+    has_gpus = any(isinstance(d, int) for d in ledger.budgets)
+    for role in ROLES:
+        if role not in placed:
+            continue
+        model, where = models[role], placed[role]
+        device_map = collapse_device_map(
+            {name: place for u, place in zip(model.units, where.places, strict=True) for name in u.names}
+        )
+        r = model.request
+        mine = _offload_warnings(role, model.units, where, has_gpus, len(placed) == 2)
+        placements.append(
+            ModelPlacement(
+                role, r.name, r.dtype, r.quantization, device_map, sum(where.planned.values()), mine
+            )
+        )
+        warnings += mine
+    for d, use in devices.items():
+        over = use.planned_bytes + use.reserved_bytes - use.budget_bytes
+        if d != "disk" and over > 0:
+            warnings.append(f"{device_label(d)} is over its budget by {size_text(over)}.")
+    missing = devices["disk"].planned_bytes
+    if missing:
+        on_disk = sum(where.places.count("disk") for where in placed.values())
+        kv = sum(models[role].kv for role in placed)
+        warnings.insert(
+            0,
+            f"Does not fit: {size_text(missing)} more GPU or CPU memory is needed ({on_disk} parts would be "
+            "offloaded to disk). Raise --gpu-memory/--cpu-memory, quantize (--quantization 4bit), or lower "
+            f"--context-length or --max-batch-size (the KV cache takes {size_text(kv)}).",
+        )
+        if missing > devices["disk"].budget_bytes:
+            warnings.append(
+                f"Disk offload needs {size_text(missing)} but only "
+                f"{size_text(devices['disk'].budget_bytes)} are free."
+            )
+    return JointPlan(devices, tuple(placements), tuple(warnings))
+
+
+def _offload_warnings(role: str, units: list[Unit], where: _Placed, has_gpus: bool, both: bool) -> list[str]:
+    model = "The chat model" if role == "text" else "The vision model"
+    warnings = []
+    devices = where.devices
+    on_gpu = any(isinstance(d, int) for d in devices)
+    if has_gpus and not on_gpu:
+        why = (
+            "so that the chat model keeps the GPUs"
+            if role == "vision" and both
+            else "as no GPU has room for it"
+        )
+        slow = "captions" if role == "vision" else "generation"
+        warnings.append(f"{model} runs on the CPU {why}: {slow} will be slow.")
+    if role == "vision" and len(devices) > 1:
+        warnings.append(f"{model} does not fit whole on one device: it is split over {_labels(devices)}.")
+    count = {d: sum(1 for u, p in zip(units, where.places, strict=True) if p == d) for d in ("cpu", "disk")}
+    if on_gpu and count["cpu"]:
+        warnings.append(
+            f"{model}: {count['cpu']} of {len(units)} parts are offloaded to CPU RAM "
+            f"({size_text(where.planned['cpu'])}): generation will be much slower (their weights cross to "
+            "the GPU at every step)."
+        )
+    if count["disk"]:
+        warnings.append(
+            f"{model}: {count['disk']} of {len(units)} parts are offloaded to disk "
+            f"({size_text(where.planned['disk'])}): generation will be very slow (their weights are read "
+            "from disk at every step)."
+        )
+    return warnings
+
+
+# ----------------------------------------------------------------------------- device maps and labels
+
+
+def collapse_device_map(assigned: dict[str, Device]) -> dict[str, Device]:
+    """The shortest map: a module whose pieces all share a device becomes one entry ("" = the whole model)."""
+    collapsed: dict[str, Device] = {}
+
+    def visit(prefix: str) -> None:
+        under = [n for n in assigned if not prefix or n == prefix or n.startswith(prefix + ".")]
+        places = {assigned[n] for n in under}
+        if len(places) == 1:
+            collapsed[prefix] = places.pop()
+            return
+        start = len(prefix) + 1 if prefix else 0
+        for child in dict.fromkeys(n[start:].split(".")[0] for n in under if n != prefix):
+            visit(f"{prefix}.{child}" if prefix else child)
+
+    visit("")
+    return collapsed
+
+
+def shorten_ranges(keys: list[str]) -> list[str]:
+    """["a.layers.0", "a.layers.1", "a.layers.2", "b"] -> ["a.layers.0–2", "b"]."""
+    runs: list[list] = []  # [prefix, first, last] or [key, None, None]
+    for key in keys:
+        match = re.fullmatch(r"(.*\.)(\d+)", key)
+        if match and runs and runs[-1][0] == match.group(1) and runs[-1][2] == int(match.group(2)) - 1:
+            runs[-1][2] += 1
+        elif match:
+            runs.append([match.group(1), int(match.group(2)), int(match.group(2))])
+        else:
+            runs.append([key, None, None])
+    return [
+        key if first is None else f"{key}{first}" if first == last else f"{key}{first}–{last}"
+        for key, first, last in runs
+    ]
+
+
+def device_label(device: Device) -> str:
+    return f"GPU {device}" if isinstance(device, int) else {"cpu": "CPU", "disk": "disk"}[device]
+
+
+def _labels(devices: list[Device]) -> str:
+    return ", ".join(device_label(d) for d in devices)
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: GiB for model-sized numbers, MiB or KiB for small ones."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB" if n else "0 B"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def memory_in_use() -> dict[str, int]:
+    """Bytes in use now: the process's resident memory as "cpu", torch's allocations per visible GPU."""
+    used = {"cpu": psutil.Process().memory_info().rss}
+    if torch.cuda.is_available():
+        used.update({str(i): torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())})
+    return used

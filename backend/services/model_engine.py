@@ -1,0 +1,43 @@
+"""The batching engine of whatever model a holder has now: made on first use, closed on a switch."""
+
+from __future__ import annotations
+
+import threading
+
+from backend.decode.engine import Engine, EngineLimits
+from backend.errors import ModelNotReady
+from backend.models.holder import ModelHolder
+
+MODEL_SWITCHED = "The model was switched; please resend your message."
+
+
+class ModelEngine:
+    def __init__(self, holder: ModelHolder, limits: EngineLimits):
+        self.holder = holder
+        self.limits = limits
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    def get(self, loaded, model) -> Engine:
+        """The engine decoding `model` (part of `loaded`, the holder's current model)."""
+        with self._lock:
+            if self.holder.get() is not loaded:  # switched since this request began: never revive the old
+                raise ModelNotReady(MODEL_SWITCHED)
+            if self._engine is None or self._engine.model is not model:
+                if self._engine is not None:
+                    self._engine.close(MODEL_SWITCHED)
+                # A vision model's own generation_config names its end tokens, also when its LM decodes.
+                self._engine = Engine(model, loaded.tokenizer, self.limits, eos_model=loaded.model)
+            return self._engine
+
+    def pending(self) -> int:
+        """Requests the model has not finished yet (a model switch waits for them)."""
+        engine = self._engine
+        return engine.pending() if engine is not None else 0
+
+    def release(self, reason: str) -> None:
+        """Let go of the model before a switch: requests still in the engine fail with `reason`."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.close(reason)
+            self._engine = None

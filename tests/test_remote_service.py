@@ -1,0 +1,265 @@
+"""Remote mode: one instance serves the tiny models, a second uses them through its OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import gradio as gr
+import httpx
+import openai
+import pytest
+from gradio_client import Client, handle_file
+
+from backend.errors import BadInput, ContextOverflow, InvalidSettings, ModelNotReady, ServerBusy
+from backend.remote.capabilities import RemoteCapabilities, sampling_payload
+from backend.remote.client import BackendError, OpenAIClient, iter_sse, remote_error
+from backend.remote.service import RemoteChatService, RemoteHolder
+from backend.settings import GenerationSettings, ServerLimits
+from tests.test_openai_api import serving
+from ui.banner import banner_markdown
+from ui.controls import build_controls
+from ui.system_tab import model_markdown
+
+KEY = "upstream-key"
+OURS = {"id": "m", "owned_by": "chat-caption-playground", "extensions": ["top_k", "repetition_penalty"]}
+
+# ----------------------------------------------------------------------------- without servers
+
+
+def test_server_sent_events_are_parsed():
+    lines = ['data: {"a": 1}', "", ": a comment", "data: line one", "data: line two", "", "data: [DONE]"]
+    assert list(iter_sse(lines)) == ['{"a": 1}', "line one\nline two", "[DONE]"]
+
+
+def test_capabilities_decide_what_the_ui_disables():
+    plain = RemoteCapabilities.from_model_card({"id": "gpt", "owned_by": "openai"})
+    assert set(plain.unsupported()) == {"top_k", "repetition_penalty", "num_beams", "mode"}
+    assert "vLLM extension" in plain.unsupported()["top_k"] and "openai" in plain.unsupported()["top_k"]
+    assert RemoteCapabilities.from_model_card({"id": "x", "owned_by": "vllm"}).unsupported() == {}
+    ours = RemoteCapabilities.from_model_card(OURS)
+    assert set(ours.unsupported()) == {"num_beams", "mode"} and not ours.takes_images
+    with gr.Blocks():
+        controls = build_controls(ServerLimits(), plain.unsupported())
+    assert controls["top_k"].interactive is False and controls["top_k"].value == 0
+    assert controls["top_k"].info == plain.unsupported()["top_k"]
+    assert controls["repetition_penalty"].value == 1.0 and controls["num_beams"].interactive is False
+    assert [choice for _, choice in controls["mode"].choices] == ["sample", "greedy"]
+    assert controls["temperature"].interactive is None  # standard OpenAI parameters stay
+
+
+def test_settings_become_openai_parameters():
+    vllm = RemoteCapabilities("vllm", frozenset({"top_k", "repetition_penalty", "use_beam_search"}))
+    plain = RemoteCapabilities("openai", frozenset())
+    settings = GenerationSettings(seed=3, temperature=0.5, top_k=40, top_p=0.9, repetition_penalty=1.2)
+    payload, left_out = sampling_payload(settings, vllm)
+    assert payload == {
+        "max_tokens": 256,
+        "seed": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "repetition_penalty": 1.2,
+    }
+    assert left_out == []
+    payload, left_out = sampling_payload(settings, plain)
+    assert "top_k" not in payload and left_out == ["repetition_penalty", "top_k"]
+    greedy, _ = sampling_payload(GenerationSettings(mode="greedy", stop_words=("\n",)), vllm)
+    assert greedy["temperature"] == 0.0 and greedy["stop"] == ["\n"] and "top_k" not in greedy
+    beam, _ = sampling_payload(GenerationSettings(mode="beam", num_beams=3), vllm)
+    assert beam["use_beam_search"] is True and beam["n"] == 3  # vLLM >= 0.6: the width is n
+    with pytest.raises(InvalidSettings, match="'mode'.*no beam search"):
+        sampling_payload(GenerationSettings(mode="beam"), plain)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "words"),
+    [
+        (401, {"error": {"message": "bad key"}}, BackendError, "--backend-api-key"),
+        (429, {"error": {"message": "full"}}, ServerBusy, "busy: full"),
+        (503, {"error": {"message": "loading"}}, ModelNotReady, "not ready: loading"),
+        (
+            400,
+            {"error": {"message": "too long", "code": "context_length_exceeded"}},
+            ContextOverflow,
+            "too long",
+        ),
+        (400, {"error": {"message": "bad top_p"}}, BadInput, "refused the request: bad top_p"),
+        (422, {"detail": "missing field"}, BadInput, "missing field"),
+        (500, "Internal Server Error", BackendError, "HTTP 500"),
+    ],
+)
+def test_backend_errors_become_typed_errors(status, body, kind, words):
+    error = remote_error(status, body, "http://backend/v1")
+    assert isinstance(error, kind) and words in str(error)
+
+
+def fake_backend(card: dict, events: list[dict]) -> httpx.MockTransport:
+    """An OpenAI-compatible server in a function: /v1/models and one streamed chat reply."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [card]})
+        sent = json.loads(request.content)
+        handle.requests.append(sent)
+        body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    handle.requests = []
+    return httpx.MockTransport(handle)
+
+
+def delta(text: str | None = None, finish: str | None = None) -> dict:
+    return {"choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
+
+
+def test_a_streamed_reply_from_a_plain_openai_server():
+    events = [delta(" Hel"), delta("lo"), delta(finish="stop")]
+    events.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}})
+    transport = fake_backend({"id": "gpt-x", "owned_by": "openai"}, events)
+    holder = RemoteHolder(OpenAIClient("http://backend:8000", "k", transport=transport), "gpt-x")
+    assert holder.load().state == "ready" and holder.loaded_name == "gpt-x"
+    service = RemoteChatService(holder, ServerLimits())
+    replies = list(service.chat("Hi", [], GenerationSettings(seed=1, top_k=50, repetition_penalty=1.0)))
+    assert [reply.text for reply in replies] == ["Hel", "Hello", "Hello"]
+    final = replies[-1]
+    assert final.done and final.finish_reason == "stop" and final.prompt_tokens is not None
+    assert (final.prompt_tokens, final.new_tokens) == (9, 2)
+    assert "top_k" in final.notice and "openai" in final.notice  # dropped, and said so
+    [sent] = transport.handler.requests
+    assert sent["model"] == "gpt-x" and sent["stream"] is True and "top_k" not in sent
+    assert sent["messages"][0] == {"role": "system", "content": GenerationSettings().system_prompt}
+    with pytest.raises(BadInput, match="Inspector"):
+        service.next_tokens("x", GenerationSettings(), 5)
+
+
+def test_an_unreachable_backend_is_reported_and_retried():
+    holder = RemoteHolder(OpenAIClient("http://127.0.0.1:9"))  # the discard port: nothing listens
+    status = holder.load()
+    assert status.state == "failed" and "cannot be reached" in status.stage
+    with pytest.raises(ModelNotReady, match="cannot be reached"):
+        RemoteChatService(holder, ServerLimits()).chat("Hi", [], GenerationSettings())
+
+
+# ----------------------------------------------------------------------------- two live instances
+
+
+def start(arguments: list[str]):
+    from app import create_server
+    from backend.config import parse_config
+
+    config = parse_config(arguments, has_gpu=False, env={})
+    app, _, holders = create_server(config, load_in_background=False)
+    return app, config, holders
+
+
+@pytest.fixture(scope="module")
+def upstream(demo_text_dir, demo_vision_dirs):
+    arguments = ["--model", str(demo_text_dir), "--dtype", "float32", "--api-key", KEY]
+    arguments += ["--vision-model", str(demo_vision_dirs["demo:tiny-llava"])]
+    app, config, holders = start(arguments)
+    with serving(app) as url:
+        yield SimpleNamespace(
+            url=url, model=config.model, holder=holders[0], client=Client(url, verbose=False)
+        )
+
+
+@pytest.fixture(scope="module")
+def front(upstream):
+    app, _, holders = start(["--backend-url", upstream.url, "--backend-api-key", KEY, "--max-upload-mb", "1"])
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, holder=holders[0], client=Client(url, verbose=False))
+
+
+@pytest.mark.slow
+def test_the_front_shows_the_backend_model(front, upstream):
+    assert front.holder.status().state == "ready" and front.holder.loaded_name == upstream.model
+    assert upstream.model in banner_markdown([("chat", front.holder)])
+    assert upstream.url in model_markdown(front.holder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"message": "Tell me about the sky", "seed": 123, "max_new_tokens": 16},
+        {"message": "Hello", "mode": "greedy", "max_new_tokens": 24, "stop_words": "e"},
+        {"message": "Hello", "mode": "beam", "num_beams": 3, "max_new_tokens": 8},
+    ],
+)
+def test_chat_through_the_front_equals_chat_on_the_backend(front, upstream, kwargs):
+    here = front.client.predict(api_name="/chat", **kwargs)
+    assert here and here == upstream.client.predict(api_name="/chat", **kwargs)
+
+
+@pytest.mark.slow
+def test_completion_streams_through_the_front(front, upstream):
+    kwargs = {"text": "Once upon a time", "seed": 4, "max_new_tokens": 12}
+    outputs = list(front.client.submit(api_name="/complete", **kwargs))
+    assert len(outputs) > 2 and all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
+    assert outputs[-1] == upstream.client.predict(api_name="/complete", **kwargs)
+
+
+@pytest.mark.slow
+def test_images_go_to_the_backend(front, image_zoo):
+    path = image_zoo["good"]["picture.webp"]
+
+    def caption(**kwargs):
+        return front.client.predict(image=handle_file(str(path)), api_name="/caption", **kwargs)
+
+    first = caption(seed=11, max_new_tokens=8)
+    assert first and first == caption(seed=11, max_new_tokens=8)
+    bad, words = image_zoo["bad"]["bomb.png"]
+    with pytest.raises(Exception, match=words):  # checked here, before the backend is asked
+        front.client.predict(image=handle_file(str(bad)), api_name="/caption")
+
+
+@pytest.mark.slow
+def test_errors_say_what_went_wrong(front):
+    with pytest.raises(Exception, match="'top_p'"):
+        front.client.predict(message="hi", top_p=0, api_name="/chat")
+    with pytest.raises(Exception, match="context window"):
+        front.client.predict(message="word " * 3000, max_new_tokens=8, api_name="/chat")
+    wrong_key = RemoteHolder(OpenAIClient(front.holder.client.base, "wrong"))
+    assert "--backend-api-key" in wrong_key.load().stage
+
+
+@pytest.mark.slow
+def test_the_fronts_own_api_passes_usage_through(front, upstream):
+    ask = {"messages": [{"role": "user", "content": "Hello"}], "seed": 2, "max_tokens": 10}
+    here = openai.OpenAI(base_url=f"{front.url}/v1", api_key="none", max_retries=0)
+    there = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key=KEY, max_retries=0)
+    mine, theirs = (
+        here.chat.completions.create(model=upstream.model, **ask),
+        there.chat.completions.create(model=upstream.model, **ask),
+    )
+    assert mine.choices[0].message.content == theirs.choices[0].message.content
+    assert mine.usage.prompt_tokens == theirs.usage.prompt_tokens > 0
+
+
+@pytest.mark.slow
+def test_stop_on_the_front_cancels_the_backend(front, upstream, monkeypatch):
+    model = upstream.holder.get().model
+    calls = {"n": 0}
+    original = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["n"] += 1
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    # With these settings seed 0 runs the full 300 tokens (tests/test_openai_api.py checks it).
+    plain = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "system_prompt": ""}
+    job = front.client.submit(message="Hi", seed=0, max_new_tokens=300, api_name="/chat", **plain)
+    deadline = time.time() + 30
+    while calls["n"] < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    assert calls["n"] >= 5, f"generation never started: {job.status()}"
+    job.cancel()
+    time.sleep(1.5)
+    after = calls["n"]
+    time.sleep(1.0)
+    assert calls["n"] == after, "the backend kept generating after Stop"
+    assert after < 300
