@@ -8,15 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlavaConfig
 
-from backend.placement.sizes import (
-    ACTIVATION_HEADROOM_BYTES,
-    DevicePlan,
-    InvalidMemorySpec,
-    kv_cache_bytes,
-    parse_gpu_memory,
-    parse_size,
-    plan_device_map,
-)
+from backend.placement.budgets import InvalidMemorySpec, parse_gpu_memory, parse_size
+from backend.placement.planner import plan_device_map
+from backend.placement.plans import DevicePlan
+from backend.placement.sizes import ACTIVATION_HEADROOM_BYTES, kv_cache_bytes
 
 GiB, MiB = 2**30, 2**20
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB = 4096, 11008, 32, 32, 32000

@@ -17,13 +17,8 @@ from transformers.integrations.accelerate import expand_device_map
 from backend.models.configs import config_path, load_config, shipped_names
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import ModelSpec, load_text_model, plan_placement, plan_specs, with_joint_plan
-from backend.placement.planner import (
-    JointPlan,
-    ModelRequest,
-    collapse_device_map,
-    plan_models,
-    shorten_ranges,
-)
+from backend.placement.planner import ModelRequest, collapse_device_map, plan_models
+from backend.placement.plans import JointPlan, shorten_ranges
 from backend.placement.sizes import meta_model_from_config, model_units, tensor_bytes
 from ui.system_tab import plan_html
 

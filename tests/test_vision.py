@@ -150,7 +150,7 @@ def test_detect_family_ignores_the_name(demo_vision_dirs: dict[str, Path], tmp_p
 def test_gpu_plan_for_a_vision_config_needs_no_weights() -> None:
     from transformers import AutoModelForImageTextToText, LlavaConfig
 
-    from backend.placement.sizes import plan_device_map
+    from backend.placement.planner import plan_device_map
 
     budgets = {0: 2 * 2**30, 1: 2 * 2**30}
     plan = plan_device_map(

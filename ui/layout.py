@@ -33,7 +33,7 @@ def build_ui(
     """`service` is a backend ChatService and `vision` a VisionService, or None when images are off.
 
     Duck-typed: ui/ never imports torch. `unsupported`: settings a remote backend does not take, and why.
-    `rate_limit`: a backend.services.rate_limit.ClientRateLimit that generation requests count against, or None.
+    `rate_limit`: a services.rate_limit.ClientRateLimit that generation requests count against, or None.
     """
     holder = service.holder
     models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])

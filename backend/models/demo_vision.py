@@ -6,7 +6,7 @@ special token) loadable with ``AutoProcessor`` / ``AutoModelForImageTextToText``
 
 Every Linear layer has an input size that is a multiple of 64, so bitsandbytes 4-bit works on the CPU.
 The tokenizer is the text demo's byte-level BPE plus ``<image>`` (id 1000); embedding matrices are
-padded to 1024 rows, and ``backend.decode.sampling.mask_unknown_tokens`` keeps the 23 padded ids out of replies.
+padded to 1024 rows, and ``mask_unknown_tokens`` (decode.sampling) keeps the 23 padded ids out of replies.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from backend.models.adapters import AdapterSpec, attach_adapters
 from backend.models.configs import load_config
 from backend.models.demo_text import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
 from backend.models.hub import ModelUnavailable, resolve_model_dir
-from backend.placement.planner import JointPlan, ModelRequest, memory_in_use, plan_models
-from backend.placement.sizes import DevicePlan, parse_gpu_memory, parse_size, visible_gpu_budgets
+from backend.placement.budgets import memory_in_use, parse_gpu_memory, parse_size, visible_gpu_budgets
+from backend.placement.planner import ModelRequest, plan_models
+from backend.placement.plans import DevicePlan, JointPlan
 from backend.prompting import context_window
 
 log = logging.getLogger(__name__)

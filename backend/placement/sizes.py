@@ -1,7 +1,6 @@
-"""Where each module of a model goes: GPUs within their budgets, then CPU, then disk.
+"""What a model weighs, module by module, as from_pretrained will hold it; its KV cache and activations.
 
-Planned on the meta device from the config alone, so a plan costs no weights and works for
-GPUs that are not present (budgets describe hypothetical devices).
+Measured on the meta device from the config alone, so it costs no weights and works for any GPU.
 """
 
 from __future__ import annotations
@@ -9,9 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -23,65 +21,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 log = logging.getLogger(__name__)
 
-UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 # Activations, CUDA context and allocator fragmentation, beyond the KV cache.
 ACTIVATION_HEADROOM_BYTES = 512 * 2**20
 PROJECTORS = ("language_projection", "multi_modal_projector")  # BLIP-2/InstructBLIP, LLaVA
-
-
-class InvalidMemorySpec(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    device_map: dict[str, int | str]
-    budgets: dict[int | str, int] = field(default_factory=dict)  # what the user allowed per device
-    reserved: dict[int | str, int] = field(default_factory=dict)  # kept free for KV cache + activations
-    warnings: tuple[str, ...] = ()
-    dtype: torch.dtype | None = None  # the compute dtype the plan was sized for
-    joint: Any = None  # the joint_plan.JointPlan this model's part came from (both models, all devices)
-
-    @property
-    def offloaded(self) -> bool:
-        """Part of a GPU plan landed on CPU or disk (an all-CPU plan is not offloaded)."""
-        places = set(self.device_map.values())
-        return bool(places & {"cpu", "disk"}) and any(isinstance(p, int) for p in places)
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)  # float() accepts each
-    unit = (match.group(2).lower() or "b") if match else ""
-    if not match or unit not in UNITS:
-        raise InvalidMemorySpec(f"cannot read the size {text!r}; write e.g. 20GiB or 500MB")
-    return int(float(match.group(1)) * UNITS[unit])
-
-
-def parse_gpu_memory(spec: str | None) -> dict[int, int]:
-    """'0=20GiB,1=10GiB' -> {0: bytes, 1: bytes}."""
-    budgets: dict[int, int] = {}
-    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
-        device, sep, size = item.partition("=")
-        if not sep or not device.strip().isdigit():
-            raise InvalidMemorySpec(f"cannot read {item!r}; write GPU budgets as 0=20GiB,1=10GiB")
-        budgets[int(device)] = parse_size(size)
-    return budgets
-
-
-def visible_gpu_budgets(fraction: float = 0.9) -> dict[int, int]:
-    """A fraction of each visible GPU's free memory: other programs may already use some."""
-    if not torch.cuda.is_available():
-        return {}
-    return {i: int(torch.cuda.mem_get_info(i)[0] * fraction) for i in range(torch.cuda.device_count())}
 
 
 def kv_cache_bytes(config, context_length: int, batch_size: int, dtype_bytes: int) -> int:
@@ -247,21 +189,3 @@ def model_units(meta_model, quantization: str, compute_dtype: torch.dtype, kv_to
 def meta_model_from_config(config, model_class=AutoModelForCausalLM):
     with init_empty_weights():
         return model_class.from_config(config, trust_remote_code=False)
-
-
-def plan_device_map(
-    config,
-    quantization: str,
-    compute_dtype: torch.dtype,
-    gpu_budgets: dict[int, int],
-    cpu_budget: int,
-    context_length: int,
-    batch_size: int = 1,
-    model_class=AutoModelForCausalLM,
-) -> DevicePlan:
-    """One model alone, through the joint planner; a `model_class` other than a causal LM: a vision model."""
-    from backend.placement.planner import ModelRequest, plan_models  # joint_plan builds on this module
-
-    role = "text" if model_class is AutoModelForCausalLM else "vision"
-    request = ModelRequest(role, "", config, quantization, compute_dtype, context_length, batch_size)
-    return plan_models([request], gpu_budgets, cpu_budget).device_plan(role)
