@@ -1,4 +1,4 @@
-"""Errors a user can cause, each turned into one clear message at the UI/API edge."""
+"""Errors a user can cause, each turned into one clear message at the UI/API edge; and a remote engine's."""
 
 from __future__ import annotations
 
@@ -41,3 +41,7 @@ class RateLimited(UserError):
         super().__init__(
             f"Rate limit: at most {per_minute} requests per minute; try again in {retry_after} s."
         )
+
+
+class BackendError(Exception):
+    """The backend server failed, or refused this app itself (not the user's request): HTTP 502 at our API."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.services.request_stats import WINDOW_SECONDS, RequestStats
+from backend.request_stats import WINDOW_SECONDS, RequestStats
 
 
 class FakeClock:

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from backend.errors import (
+    BackendError,
     BadImage,
     ContextOverflow,
     InvalidSettings,
@@ -51,7 +52,6 @@ from backend.openai_server.schema import (
     refuse_unsupported,
     to_conversation,
 )
-from backend.remote.client import BackendError
 from backend.replies import Reply
 from backend.settings import ServerLimits
 

@@ -12,14 +12,10 @@ from typing import Any
 
 import httpx
 
-from backend.errors import BadInput, ContextOverflow, ModelNotReady, ServerBusy, UserError
+from backend.errors import BackendError, BadInput, ContextOverflow, ModelNotReady, ServerBusy, UserError
 
 CONNECT_SECONDS = 5.0
 READ_SECONDS = 600.0  # a beam search answers only when it is done
-
-
-class BackendError(Exception):
-    """The backend server failed, or refused this app itself (not the user's request): HTTP 502 at our API."""
 
 
 def api_base(url: str) -> str:

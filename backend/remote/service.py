@@ -19,14 +19,14 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from backend.errors import BadInput, InvalidSettings, ModelNotReady, UserError
+from backend.errors import BackendError, BadInput, InvalidSettings, ModelNotReady, UserError
 from backend.images import ImageLimits, load_image
 from backend.models.holder import LoadStatus
 from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
-from backend.remote.client import BackendError, OpenAIClient
+from backend.remote.client import OpenAIClient
 from backend.replies import Reply, ReplyStream
-from backend.services.request_stats import RequestStats
+from backend.request_stats import RequestStats
 from backend.services.vision import PIPELINES, VisualReply
 from backend.settings import GenerationSettings, ServerLimits
 

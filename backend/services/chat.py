@@ -11,8 +11,8 @@ from backend.errors import BadInput, ContextOverflow, InvalidSettings
 from backend.models.holder import ModelHolder
 from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
 from backend.replies import Reply, ReplyStream, replies_from_updates
+from backend.request_stats import RequestStats
 from backend.services.model_engine import ModelEngine
-from backend.services.request_stats import RequestStats
 from backend.settings import GenerationSettings, ServerLimits
 from backend.torch_threads import call_on_fresh_thread
 
