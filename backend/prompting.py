@@ -108,3 +108,14 @@ def build_raw_prompt(tokenizer, text: str, budget: int) -> Prompt:
             "for the continuation. Shorten it or lower max_new_tokens."
         )
     return Prompt(ids, 0, "raw")
+
+
+def prompt_budget(context_window: int, max_new_tokens: int) -> int:
+    """Tokens left for the prompt once the reply's room is kept free."""
+    budget = context_window - max_new_tokens
+    if budget <= 0:
+        raise ContextOverflow(
+            f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt in this model's "
+            f"{context_window}-token context window; lower it."
+        )
+    return budget

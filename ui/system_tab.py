@@ -22,25 +22,19 @@ def queue_length(demo: gr.Blocks) -> int | None:
         return None
 
 
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def model_markdown(holder) -> str:
     status = holder.status()
     if status.state != "ready":
         return f"**Model:** {status.stage}"
-    loaded = holder.get()
-    places = sorted({str(device) for device in loaded.plan.device_map.values()})
+    info = holder.info()
     lines = [
-        f"**Model:** `{holder.loaded_name}`{' (built-in demo, random weights)' if loaded.is_demo else ''}",
-        f"**Files:** `{loaded.path}`",
-        f"**Quantization:** {loaded.spec.quantization} · **dtype:** {dtype_name(loaded.dtype)}"
-        f" · **context window:** {loaded.context_window} tokens · **loaded in** {loaded.load_seconds:.1f} s",
-        f"**Placed on:** {', '.join(places)}",
+        f"**Model:** `{info.name}`{' (built-in demo, random weights)' if info.is_demo else ''}",
+        f"**Files:** `{info.location}`",
+        f"**Quantization:** {info.quantization} · **dtype:** {info.dtype}"
+        f" · **context window:** {info.context_window} tokens · **loaded in** {info.load_seconds:.1f} s",
+        f"**Placed on:** {', '.join(info.places)}",
     ]
-    plan_warnings = set(getattr(loaded.plan, "warnings", ()))  # shown with the plan picture
-    lines += [f"⚠️ {note}" for note in loaded.notes if note not in plan_warnings]
+    lines += [f"⚠️ {note}" for note in info.notes]
     return "\n\n".join(lines)
 
 
@@ -109,13 +103,6 @@ def plan_html(report: dict | None) -> str:
     )
 
 
-def plan_report(holder) -> dict | None:
-    if holder.status().state != "ready":
-        return None
-    report = getattr(holder.get(), "system_report", None)  # duck-typed: models without a plan have none
-    return report() if report else None
-
-
 def stats_markdown(snapshot, waiting: int | None) -> str:
     queue = "unknown" if waiting is None else str(waiting)
     return (
@@ -133,13 +120,13 @@ def history_frame(snapshot) -> pd.DataFrame:
 
 def build_model_switch(role: str, holder) -> gr.events.Dependency | None:
     """A dropdown of the models allowed at launch and a Switch button; None when there is no choice."""
-    choices = list(getattr(holder, "choices", ()))
+    choices = list(holder.choices)
     if len(choices) < 2:
         return None
     with gr.Row():
         model = gr.Dropdown(
             choices,
-            value=holder.spec.name,
+            value=choices[0],  # the model configured at launch
             label=f"{role.capitalize()} model",
             elem_id=f"switch-{role}-model",
         )
@@ -177,7 +164,7 @@ def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.ev
         snapshot = service.stats.snapshot()
         return (
             model_markdown(service.holder),
-            plan_html(plan_report(service.holder)),
+            plan_html(service.holder.plan_report()),
             stats_markdown(snapshot, queue_length(demo)),
             history_frame(snapshot),
         )

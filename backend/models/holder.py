@@ -12,27 +12,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from backend.errors import BadInput, ModelNotReady
+from backend.model_status import LoadStatus, ModelInfo
 from backend.models.demo_text import DEMO_TEXT_MODEL
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import LoadedModel, ModelSpec, load_text_model, with_joint_plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadStatus:
-    state: str  # "loading", "ready" or "failed"
-    stage: str
-    fraction: float | None = None
-    fallback_reason: str | None = None  # why the demo model stands in for the configured one
-    note: str | None = None  # what else the user should know, e.g. that a model switch failed
 
 
 class ModelHolder:
@@ -86,6 +78,28 @@ class ModelHolder:
     def loaded_name(self) -> str:
         """The model actually answering: the demo's name when it stands in."""
         return self._loaded.spec.name if self._loaded is not None else self.spec.name
+
+    def info(self) -> ModelInfo:
+        """What the UI shows of the model answering now (raises ModelNotReady while there is none)."""
+        loaded = self.get()
+        warnings = set(loaded.plan.warnings)  # the System tab shows those with the plan picture
+        return ModelInfo(
+            name=self.loaded_name,
+            location=str(loaded.path),
+            quantization=loaded.spec.quantization,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            context_window=loaded.context_window,
+            load_seconds=loaded.load_seconds,
+            places=tuple(sorted({str(device) for device in loaded.plan.device_map.values()})),
+            notes=tuple(note for note in loaded.notes if note not in warnings),
+            is_demo=loaded.is_demo,
+        )
+
+    def plan_report(self) -> dict | None:
+        """The device plan and the memory in use now, for the System tab; None until a model is ready."""
+        if self._status.state != "ready" or self._loaded is None:
+            return None
+        return self._loaded.system_report()
 
     def get(self) -> LoadedModel:
         switching = self._switching
@@ -207,28 +221,3 @@ def plan_switches_together(holders: dict[str, ModelHolder]) -> None:
 
 def _replan(holders: dict[str, ModelHolder], role: str, spec: ModelSpec) -> ModelSpec:
     return with_joint_plan({r: spec if r == role else h.spec for r, h in holders.items()})[role]
-
-
-class RequestCounter:
-    """Counts work still running on a model that no engine counts (a switch waits for it)."""
-
-    def __init__(self):
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int:
-        return self._count
-
-    def started(self) -> Callable[[], None]:
-        """Count one more; call what this returns when that work has stopped (more calls do nothing)."""
-        with self._lock:
-            self._count += 1
-        pending = [True]
-
-        def done() -> None:
-            with self._lock:
-                if pending:
-                    pending.clear()
-                    self._count -= 1
-
-        return done

@@ -25,8 +25,7 @@ from backend.models.demo_vision import DEMO_VISION_MODELS, demo_vision_model_dir
 from backend.models.hub import resolve_model_dir
 from backend.models.loading import ModelSpec, ProgressFn, plan_placement, quantization_config, remote_code
 from backend.placement.plans import DevicePlan
-from backend.prompting import Turn, context_window, vicuna_prompt
-from backend.services.chat import prompt_budget
+from backend.prompting import Turn, context_window, prompt_budget, vicuna_prompt
 
 log = logging.getLogger(__name__)
 

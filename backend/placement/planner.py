@@ -1,16 +1,20 @@
 """Place the chat model and the vision model together: GPUs within their budgets, then CPU RAM, then disk.
 
 Planned on the meta device from the configs alone (no weights), so it works for GPUs that are not there.
-Policy, also in the README ("Planning devices"):
+Policy, also in docs/planning.md:
 
 - Units are placed whole: every `_no_split_modules` class (decoder layers), tied weights with their source,
   and a vision model's projector with its language model's input embeddings (image features and token
   embeddings meet on one device). Sizes are what from_pretrained will hold: bitsandbytes quantizes plain
   Linear layers only, never the output head or `_keep_in_fp32_modules`, and leaves offloaded modules
   unquantized.
-- Each GPU a model runs on keeps room for that model's activations and for the KV cache of the layers it
-  holds. The first GPU of a model also keeps the KV cache of its offloaded layers and room to copy in the
-  largest of them (accelerate runs offloaded layers there). A model without a GPU keeps all that in RAM.
+- Weights first. Each GPU a model runs on keeps room for one prefill's activations and for ONE
+  full-context request's KV cache of the layers it holds. The first GPU of a model also keeps the KV cache
+  of its offloaded layers and room to copy in the largest of them (accelerate runs offloaded layers there).
+  A model without a GPU keeps all that in RAM. So layers leave the GPUs only when the weights plus one
+  request do not fit.
+- Then the KV pools (kv_pool.py): what the budgets leave on the devices holding a model's cache becomes
+  its pool, up to --max-batch-size full-context requests; two models sharing a device share it evenly.
 - The chat model has first claim on the GPUs. The vision model goes whole onto the smallest GPU that
   holds it if the chat model still fits entirely on the GPUs beside it. Otherwise the chat model is placed
   first and the vision model takes what is left: whole on a GPU, else whole on the CPU, else split.
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from backend.placement.kv_pool import kv_need, size_pools
 from backend.placement.plans import (
     Device,
     DevicePlan,
@@ -57,7 +62,7 @@ class ModelRequest:
     quantization: str  # none | 8bit | 4bit
     dtype: torch.dtype  # compute dtype
     context_length: int
-    batch_size: int = 1
+    batch_size: int = 1  # full-context requests the KV pool may grow to (placement reserves one)
 
     @property
     def model_class(self):
@@ -144,11 +149,12 @@ def plan_models(
 
 
 def _prepare(request: ModelRequest) -> _Model:
+    """Sized for placement: one full-context request's KV cache and one prefill's activations."""
     meta = meta_model_from_config(request.config, request.model_class)
     dtype_bytes = request.dtype.itemsize
-    kv = kv_cache_bytes(request.config, request.context_length, request.batch_size, dtype_bytes)
+    kv = kv_cache_bytes(request.config, request.context_length, 1, dtype_bytes)
     units = model_units(meta, request.quantization, request.dtype, kv)
-    activation = activation_bytes(request.config, request.context_length, request.batch_size, dtype_bytes)
+    activation = activation_bytes(request.config, request.context_length, 1, dtype_bytes)
     return _Model(request, units, activation, kv - sum(u.kv_bytes for u in units))
 
 
@@ -277,6 +283,19 @@ def _cpu_then_disk(units: list[Unit], places: list, cpu_room: int, unquantized: 
 
 
 def _finish(models: dict[str, _Model], placed: dict[str, _Placed], ledger: _Ledger) -> JointPlan:
+    needs = {
+        role: kv_need(
+            [u.kv_bytes for u in models[role].units],
+            where.places,
+            models[role].loose_kv,
+            models[role].request.context_length,
+            models[role].request.batch_size,
+        )
+        for role, where in placed.items()
+    }
+    pools = size_pools(needs, {d: ledger.free(d) for d in ledger.budgets})
+    for role, pool in pools.items():
+        ledger.add({}, needs[role].extra_bytes(pool.tokens))  # the pool beyond one request is kept too
     devices = {
         d: DeviceUse(budget, ledger.planned.get(d, 0), ledger.reserved.get(d, 0))
         for d, budget in ledger.budgets.items()
@@ -295,7 +314,7 @@ def _finish(models: dict[str, _Model], placed: dict[str, _Placed], ledger: _Ledg
         mine = _offload_warnings(role, model.units, where, has_gpus, len(placed) == 2)
         placements.append(
             ModelPlacement(
-                role, r.name, r.dtype, r.quantization, device_map, sum(where.planned.values()), mine
+                role, r.name, r.dtype, r.quantization, device_map, sum(where.planned.values()), mine, pools[role]
             )
         )
         warnings += mine
@@ -306,19 +325,27 @@ def _finish(models: dict[str, _Model], placed: dict[str, _Placed], ledger: _Ledg
     missing = devices["disk"].planned_bytes
     if missing:
         on_disk = sum(where.places.count("disk") for where in placed.values())
-        kv = sum(models[role].kv for role in placed)
-        warnings.insert(
-            0,
-            f"Does not fit: {size_text(missing)} more GPU or CPU memory is needed ({on_disk} parts would be "
-            "offloaded to disk). Raise --gpu-memory/--cpu-memory, quantize (--quantization 4bit), or lower "
-            f"--context-length or --max-batch-size (the KV cache takes {size_text(kv)}).",
-        )
+        warnings.insert(0, _does_not_fit(missing, on_disk, [models[role] for role in placed]))
         if missing > devices["disk"].budget_bytes:
             warnings.append(
                 f"Disk offload needs {size_text(missing)} but only "
                 f"{size_text(devices['disk'].budget_bytes)} are free."
             )
     return JointPlan(devices, tuple(placements), tuple(warnings))
+
+
+def _does_not_fit(missing: int, on_disk: int, models: list[_Model]) -> str:
+    """The shortfall and what to change; the room kept per model is one request, not --max-batch-size."""
+    flags = {"text": "--quantization 4bit", "vision": "--vision-quantization 4bit"}
+    quantize = [flags[m.request.role] for m in models if m.request.quantization != "4bit"]
+    kept = sum(m.kv + m.activation for m in models)
+    return (
+        f"Does not fit: {size_text(missing)} more GPU or CPU memory is needed ({on_disk} parts would be "
+        "offloaded to disk). Raise --gpu-memory/--cpu-memory"
+        + (f", quantize ({' and '.join(quantize)})" if quantize else "")
+        + f", or lower --context-length (one full-context request's KV cache and activations take "
+        f"{size_text(kept)})."
+    )
 
 
 def _offload_warnings(role: str, units: list[Unit], where: _Placed, has_gpus: bool, both: bool) -> list[str]:

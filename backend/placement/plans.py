@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ class DevicePlan:
     warnings: tuple[str, ...] = ()
     dtype: torch.dtype | None = None  # the compute dtype the plan was sized for
     joint: JointPlan | None = None  # the JointPlan this model's part came from (both models, all devices)
+    kv_cache_tokens: int | None = None  # this model's KV pool: the tokens its engine may hold at once
 
     @property
     def offloaded(self) -> bool:
@@ -35,6 +37,29 @@ class DeviceUse:
 
 
 @dataclass(frozen=True)
+class KVPool:
+    """A model's KV cache as planned: what its placed layers leave on their devices, at least one request."""
+
+    tokens: int  # tokens of KV cache the model may hold at once, over all its requests
+    bytes: int  # what they take, over all devices holding the cache
+    context_length: int  # tokens of one full-context request
+
+    @property
+    def max_concurrency(self) -> float:
+        """Full-context requests that fit, rounded down to hundredths so that it never promises more."""
+        return math.floor(100 * self.tokens / self.context_length) / 100
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "bytes": self.bytes, "max_concurrency": self.max_concurrency}
+
+    def text(self) -> str:
+        return (
+            f"KV cache: {self.tokens:,} tokens ({size_text(self.bytes)}), room for {self.max_concurrency:.2f} "
+            f"full-context requests ({self.context_length:,} tokens each)"
+        )
+
+
+@dataclass(frozen=True)
 class ModelPlacement:
     role: str
     name: str
@@ -43,6 +68,7 @@ class ModelPlacement:
     device_map: dict[str, Device]  # as from_pretrained takes it: GPUs as ints
     total_bytes: int  # weights as placed (offloaded parts unquantized)
     warnings: tuple[str, ...] = ()
+    kv_cache: KVPool | None = None  # None only for placements made without a planner
 
     def parts_on(self, device: Device) -> list[str]:
         """Which modules sit on `device`, with runs of layers shortened: "model.layers.0–15"."""
@@ -69,8 +95,15 @@ class JointPlan:
         placement = self.model(role)
         budgets = {d: use.budget_bytes for d, use in self.devices.items() if d != "disk"}
         reserved = {d: use.reserved_bytes for d, use in self.devices.items() if use.reserved_bytes}
+        tokens = placement.kv_cache.tokens if placement.kv_cache is not None else None
         return DevicePlan(
-            placement.device_map, budgets, reserved, self.warnings, dtype=placement.dtype, joint=self
+            placement.device_map,
+            budgets,
+            reserved,
+            self.warnings,
+            dtype=placement.dtype,
+            joint=self,
+            kv_cache_tokens=tokens,
         )
 
     def to_json(self) -> dict:
@@ -91,6 +124,7 @@ class JointPlan:
                     "quantization": m.quantization,
                     "total_bytes": m.total_bytes,
                     "device_map": {key: str(place) for key, place in m.device_map.items()},
+                    **({"kv_cache": m.kv_cache.to_json()} if m.kv_cache is not None else {}),
                 }
                 for m in self.models
             ],
@@ -118,7 +152,17 @@ class JointPlan:
                     "models": models,
                 }
             )
-        return {"fits": self.fits, "warnings": list(self.warnings), "devices": devices}
+        models = [
+            {
+                "role": m.role,
+                "name": m.name,
+                "kv_cache": {**m.kv_cache.to_json(), "context_length": m.kv_cache.context_length}
+                if m.kv_cache is not None
+                else None,
+            }
+            for m in self.models
+        ]
+        return {"fits": self.fits, "warnings": list(self.warnings), "devices": devices, "models": models}
 
     def to_text(self) -> str:
         lines = [f"Device plan: {'fits' if self.fits else 'DOES NOT FIT'}", ""]
@@ -138,6 +182,8 @@ class JointPlan:
             for d in self.devices:
                 if parts := m.parts_on(d):
                     lines.append(f"  {device_label(d)}: {', '.join(parts)}")
+            if m.kv_cache is not None:
+                lines.append(f"  {m.kv_cache.text()}")
         if self.warnings:
             lines += ["", "Warnings:"] + [f"  - {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -15,19 +15,18 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 from PIL import Image
 
+from backend.contracts import PIPELINES, VisualReply
 from backend.errors import BackendError, BadInput, InvalidSettings, ModelNotReady, UserError
 from backend.images import ImageLimits, load_image
-from backend.models.holder import LoadStatus
+from backend.model_status import LoadStatus, ModelInfo
 from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
 from backend.remote.client import OpenAIClient
 from backend.replies import Reply, ReplyStream
 from backend.request_stats import RequestStats
-from backend.services.vision import PIPELINES, VisualReply
 from backend.settings import GenerationSettings, ServerLimits
 
 log = logging.getLogger(__name__)
@@ -42,24 +41,14 @@ NOT_HERE = (
 
 @dataclass(frozen=True)
 class RemoteModel:
-    """The fields of a LoadedModel that the banner and the System tab read."""
+    """The model a backend server serves, as its /v1/models card describes it."""
 
     name: str
     path: str  # the server's URL
     context_window: int | str
     load_seconds: float
     capabilities: RemoteCapabilities
-    is_demo: bool = False
-    dtype: str = "chosen by the backend server"
     notes: tuple[str, ...] = ()
-
-    @property
-    def spec(self) -> SimpleNamespace:
-        return SimpleNamespace(name=self.name, quantization="chosen by the backend server")
-
-    @property
-    def plan(self) -> SimpleNamespace:
-        return SimpleNamespace(device_map={"": f"the backend server at {self.path}"})
 
 
 class RemoteHolder:
@@ -73,8 +62,29 @@ class RemoteHolder:
         self._tried_at = float("-inf")
         self._lock = threading.Lock()
 
+    choices: tuple[str, ...] = ()  # the backend server chooses its model
+
     def status(self) -> LoadStatus:
         return self._status
+
+    def info(self) -> ModelInfo:
+        model = self.get()
+        return ModelInfo(
+            name=model.name,
+            location=model.path,
+            quantization="chosen by the backend server",
+            dtype="chosen by the backend server",
+            context_window=model.context_window,
+            load_seconds=model.load_seconds,
+            places=(f"the backend server at {model.path}",),
+            notes=model.notes,
+        )
+
+    def plan_report(self) -> None:
+        return None  # the backend server places its model itself
+
+    def switch(self, name: str) -> None:
+        raise BadInput("The backend server chooses its model; restart with another --model to ask for one.")
 
     @property
     def is_demo(self) -> bool:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.inspector import Inspector, NextTokens
 from backend.errors import BadInput, ContextOverflow, InvalidSettings
-from backend.models.holder import ModelHolder
-from backend.prompting import Prompt, Turn, build_chat_prompt, build_raw_prompt, encode_rendered, render_chat
+from backend.prompting import (
+    Prompt,
+    Turn,
+    build_chat_prompt,
+    build_raw_prompt,
+    encode_rendered,
+    prompt_budget,
+    render_chat,
+)
 from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.request_stats import RequestStats
 from backend.services.model_engine import ModelEngine
@@ -29,19 +37,8 @@ def check_adapter(loaded, name: str) -> None:
         )
 
 
-def prompt_budget(context_window: int, max_new_tokens: int) -> int:
-    """Tokens left for the prompt once the reply's room is kept free."""
-    budget = context_window - max_new_tokens
-    if budget <= 0:
-        raise ContextOverflow(
-            f"max_new_tokens ({max_new_tokens}) leaves no room for the prompt in this model's "
-            f"{context_window}-token context window; lower it."
-        )
-    return budget
-
-
 class ChatService:
-    def __init__(self, holder: ModelHolder, limits: ServerLimits, engine_limits: EngineLimits | None = None):
+    def __init__(self, holder: ModelSource, limits: ServerLimits, engine_limits: EngineLimits | None = None):
         self.holder = holder
         self.limits = limits
         self.engine_limits = engine_limits or EngineLimits()

@@ -1,18 +1,20 @@
-"""The batching engine of whatever model a holder has now: made on first use, closed on a switch."""
+"""The batching engine of whatever model a holder has now (made on first use, closed on a switch), and
+the count of work on a model that no engine counts."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
+from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
 from backend.errors import ModelNotReady
-from backend.models.holder import ModelHolder
 
 MODEL_SWITCHED = "The model was switched; please resend your message."
 
 
 class ModelEngine:
-    def __init__(self, holder: ModelHolder, limits: EngineLimits):
+    def __init__(self, holder: ModelSource, limits: EngineLimits):
         self.holder = holder
         self.limits = limits
         self._engine: Engine | None = None
@@ -41,3 +43,28 @@ class ModelEngine:
             if self._engine is not None:
                 self._engine.close(reason)
             self._engine = None
+
+
+class RequestCounter:
+    """Counts work still running on a model that no engine counts (a switch waits for it)."""
+
+    def __init__(self):
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        return self._count
+
+    def started(self) -> Callable[[], None]:
+        """Count one more; call what this returns when that work has stopped (more calls do nothing)."""
+        with self._lock:
+            self._count += 1
+        pending = [True]
+
+        def done() -> None:
+            with self._lock:
+                if pending:
+                    pending.clear()
+                    self._count -= 1
+
+        return done

@@ -8,38 +8,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from backend.contracts import PIPELINES, ChatBackend, ModelSource, VisualReply
 from backend.decode.engine import EngineLimits
 from backend.decode.vision_replies import caption_stream, chat_with_image_stream, engine_model
 from backend.errors import BadInput
 from backend.images import ImageLimits, load_image
-from backend.models.holder import ModelHolder, RequestCounter
 from backend.models.vision_loading import LLAVA_FAMILIES
 from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
-from backend.services.chat import ChatService
-from backend.services.model_engine import ModelEngine
+from backend.services.model_engine import ModelEngine, RequestCounter
 from backend.settings import GenerationSettings, ServerLimits
 from backend.torch_threads import FreshThreadStream, call_on_fresh_thread
 
-PIPELINES = ("auto", "vision", "caption")
 # Captions that feed the chat model are short and deterministic: the chat reply carries the sampling.
 CAPTION_SETTINGS = GenerationSettings(mode="greedy", max_new_tokens=60, repetition_penalty=1.1)
-
-
-@dataclass(frozen=True)
-class VisualReply:
-    pipeline: str  # "vision" or "caption"
-    caption: str | None  # what the captioner said, for the "caption" pipeline
-    replies: Iterator[Reply]
 
 
 class VisionService:
     def __init__(
         self,
-        holder: ModelHolder,
-        chat: ChatService,
+        holder: ModelSource,
+        chat: ChatBackend,
         limits: ServerLimits,
         images: ImageLimits,
         engine_limits: EngineLimits | None = None,

@@ -1,0 +1,94 @@
+"""What the UI and the /v1 edge call, and what they read back: Protocols and small frozen records.
+
+Local models (services/ on models/) and a remote engine (remote/) both implement these, so the UI never
+reaches into a loaded model and a remote engine never has to fake one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from backend.images import ImageLimits
+from backend.model_status import LoadStatus, ModelInfo
+from backend.prompting import Turn
+from backend.replies import Reply
+from backend.request_stats import RequestStats
+from backend.settings import GenerationSettings, ServerLimits
+
+PIPELINES = ("auto", "vision", "caption")  # how an image reaches a chat: see services/vision.py
+
+
+@dataclass(frozen=True)
+class VisualReply:
+    pipeline: str  # "vision" or "caption"
+    caption: str | None  # what the captioner said, for the "caption" pipeline
+    replies: Iterator[Reply]
+
+
+class ModelSource(Protocol):
+    """A model that loads in the background: models.holder.ModelHolder, or remote.service.RemoteHolder."""
+
+    choices: Sequence[str]  # what `switch` takes
+
+    @property
+    def loaded_name(self) -> str: ...
+
+    @property
+    def is_demo(self) -> bool: ...
+
+    def status(self) -> LoadStatus: ...
+
+    def get(self) -> Any:
+        """The loaded model, for the services; raises ModelNotReady while there is none."""
+        ...
+
+    def info(self) -> ModelInfo: ...
+
+    def plan_report(self) -> dict | None:
+        """The device plan as the System tab draws it; None without one."""
+        ...
+
+    def switch(self, name: str) -> None: ...
+
+
+class ChatBackend(Protocol):
+    """Chat, completion and the Inspector, streamed; bad input raises before the stream starts."""
+
+    holder: ModelSource
+    limits: ServerLimits
+    stats: RequestStats
+
+    @property
+    def adapters(self) -> tuple[str, ...]: ...
+
+    def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]: ...
+
+    def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]: ...
+
+    def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> Any: ...
+
+    def step_text(self, text: str, settings: GenerationSettings) -> str: ...
+
+    def chat_context(self, history: list[Turn], system_prompt: str) -> str: ...
+
+
+class VisionBackend(Protocol):
+    """Captions and visual chat; bad images and settings raise before the stream starts."""
+
+    holder: ModelSource
+    image_limits: ImageLimits
+
+    def caption(self, image_source: Any, prompt: str, settings: GenerationSettings) -> Iterator[Reply]: ...
+
+    def choose_pipeline(self, requested: str) -> str: ...
+
+    def visual_chat(
+        self,
+        message: str,
+        image_source: Any,
+        history: list[Turn],
+        settings: GenerationSettings,
+        pipeline: str = "auto",
+    ) -> VisualReply: ...
