@@ -36,16 +36,6 @@ def with_image_description(description: str, message: str) -> str:
     return f"[Image description: {description.strip()}]\n{message}"
 
 
-def context_window(model_config, tokenizer) -> int:
-    """The model's position limit; a tokenizer's model_max_length is often a 1e30 placeholder."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", 0)
-    return limit if 0 < limit < 1_000_000 else 2048
-
-
 def vicuna_prompt(system_prompt: str, history: list[Turn], message: str) -> str:
     """Vicuna v1.1: "SYSTEM USER: x ASSISTANT: y</s>USER: ..." (FastChat's conversation.py)."""
     text = f"{system_prompt.strip() or VICUNA_SYSTEM} "

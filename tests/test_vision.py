@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.decode.image_prompts import caption_prompt, encode_image_prompt, render_llava_chat
 from backend.decode.vision_replies import caption_stream, chat_with_image_stream, image_prefill
 from backend.errors import BadImage, ContextOverflow, UserError
 from backend.models.demo_text import MARKER_FILE
@@ -23,15 +24,7 @@ from backend.models.demo_vision import (
     demo_vision_model_dir,
 )
 from backend.models.loading import ModelSpec
-from backend.models.vision_loading import (
-    LoadedVision,
-    UnsupportedModel,
-    caption_prompt,
-    detect_family,
-    encode_image_prompt,
-    load_vision_model,
-    render_llava_chat,
-)
+from backend.models.vision_loading import LoadedVision, UnsupportedModel, detect_family, load_vision_model
 from backend.prompting import Turn
 from backend.replies import Reply
 from backend.settings import GenerationSettings

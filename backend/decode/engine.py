@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from backend.decode.generation import GenerationUpdate, RequestState, generate_beam, input_device
+from backend.decode.generation import GenerationUpdate, RequestState, generate_beam
 from backend.errors import ModelNotReady, ServerBusy
 from backend.models.adapters import rows_using
+from backend.models.loading import input_device
 from backend.settings import GenerationSettings
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from backend.decode.sampling import (
     mask_unknown_tokens,
 )
 from backend.decode.stopping import StopWordMatcher, safe_decode
+from backend.models.loading import input_device
 from backend.settings import GenerationSettings
 
 # Prompt tokens decoded with the reply so that its first token keeps its leading space.
@@ -78,11 +79,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-def input_device(model) -> torch.device:
-    """Where input ids must go: the embedding's device, also for models split by a device map."""
-    return model.get_input_embeddings().weight.device
 
 
 @torch.inference_mode()

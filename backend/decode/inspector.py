@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from backend.decode.generation import input_device
 from backend.decode.sampling import (
     build_logits_processor,
     choose_next_token,
@@ -22,6 +21,7 @@ from backend.decode.sampling import (
 )
 from backend.decode.stopping import safe_decode
 from backend.models.adapters import rows_using
+from backend.models.loading import input_device
 from backend.settings import GenerationSettings
 
 MAX_LISTED_TOKENS = 100

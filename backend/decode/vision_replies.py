@@ -27,12 +27,7 @@ from backend.decode.generation import (
     eos_token_ids,
     stream_generate,
 )
-from backend.decode.stopping import StopWordMatcher
-from backend.errors import BadInput, ContextOverflow
-from backend.models.vision_loading import (
-    LLAVA_FAMILIES,
-    LoadedVision,
-    UnsupportedModel,
+from backend.decode.image_prompts import (
     caption_prompt,
     check_fits,
     encode_image_prompt,
@@ -40,6 +35,9 @@ from backend.models.vision_loading import (
     prompt_size,
     render_llava_chat,
 )
+from backend.decode.stopping import StopWordMatcher
+from backend.errors import BadInput, ContextOverflow
+from backend.models.vision_loading import LLAVA_FAMILIES, LoadedVision, UnsupportedModel
 from backend.prompting import Turn
 from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.settings import GenerationSettings

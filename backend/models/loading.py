@@ -23,7 +23,6 @@ from backend.models.hub import ModelUnavailable, resolve_model_dir
 from backend.placement.budgets import memory_in_use, parse_gpu_memory, parse_size, visible_gpu_budgets
 from backend.placement.planner import ModelRequest, plan_models
 from backend.placement.plans import DevicePlan, JointPlan
-from backend.prompting import context_window
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +77,21 @@ class LoadedModel:
     def system_report(self) -> dict:
         """The device plan and the memory in use now, as plain data for the System tab."""
         return self.plan.joint.view(memory_in_use()) if self.plan.joint is not None else {}
+
+
+def context_window(model_config, tokenizer) -> int:
+    """The model's position limit; a tokenizer's model_max_length is often a 1e30 placeholder."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", 0)
+    return limit if 0 < limit < 1_000_000 else 2048
+
+
+def input_device(model) -> torch.device:
+    """Where input ids must go: the embedding's device, also for models split by a device map."""
+    return model.get_input_embeddings().weight.device
 
 
 def cpu_has_fast_bf16() -> bool:

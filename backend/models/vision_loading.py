@@ -1,6 +1,6 @@
-"""BLIP-2, InstructBLIP and LLaVA (transformers' ports): loading, prompts and image encoding.
+"""BLIP-2, InstructBLIP and LLaVA (transformers' ports): which family a checkpoint is, and loading it.
 
-Generation is in `backend.decode.vision_replies`.
+Prompts and image encoding: `backend.decode.image_prompts`; generation: `backend.decode.vision_replies`.
 """
 
 from __future__ import annotations
@@ -12,28 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2 import TemplateError
-from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from backend.decode.generation import (
-    input_device,
-)
-from backend.errors import BadImage, ContextOverflow, UserError
+from backend.errors import UserError
 from backend.models.demo_text import is_demo_model_dir
 from backend.models.demo_vision import DEMO_VISION_MODELS, demo_vision_model_dir
 from backend.models.hub import resolve_model_dir
-from backend.models.loading import ModelSpec, ProgressFn, plan_placement, quantization_config, remote_code
+from backend.models.loading import (
+    ModelSpec,
+    ProgressFn,
+    context_window,
+    plan_placement,
+    quantization_config,
+    remote_code,
+)
 from backend.placement.plans import DevicePlan
-from backend.prompting import Turn, context_window, prompt_budget, vicuna_prompt
 
 log = logging.getLogger(__name__)
 
 BLIP_FAMILIES = ("blip-2", "instructblip")
 LLAVA_FAMILIES = ("llava", "llava_next")
 FAMILIES = BLIP_FAMILIES + LLAVA_FAMILIES
-INSTRUCTBLIP_DEFAULT_PROMPT = "A short image description:"
-LLAVA_DEFAULT_QUESTION = "Describe the image."
 
 
 class UnsupportedModel(UserError, ValueError):
@@ -129,120 +128,3 @@ def _check_blip_checkpoint(config, processor, notes: list[str]) -> None:
     if getattr(processor, "num_query_tokens", None) is None:
         processor.num_query_tokens = config.num_query_tokens
         notes.append(f"The processor lacks num_query_tokens; using the model's {config.num_query_tokens}.")
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def caption_prompt(family: str, processor, question: str) -> str:
-    """Prompt text for one image and an optional question, in the form each family was trained on."""
-    question = (question or "").strip()
-    if family == "blip-2":
-        return f"Question: {question} Answer:" if question else ""
-    if family == "instructblip":
-        return question or INSTRUCTBLIP_DEFAULT_PROMPT
-    if family in LLAVA_FAMILIES:
-        return render_llava_chat(processor, "", [], question or LLAVA_DEFAULT_QUESTION)
-    raise UnsupportedModel(f"no caption prompt for family {family!r}")
-
-
-def llava_messages(system_prompt: str, history: list[Turn], message: str) -> list[dict]:
-    """Chat messages with the image placeholder in the first user turn, where it stays for every reply."""
-    messages = [{"role": "system", "content": [_text(system_prompt)]}] if system_prompt.strip() else []
-    users = [turn.user for turn in history] + [message]
-    answers = [turn.assistant for turn in history]
-    for index, user in enumerate(users):
-        parts = [{"type": "image"}, _text(user)] if index == 0 else [_text(user)]
-        messages.append({"role": "user", "content": parts})
-        if index < len(answers):
-            messages.append({"role": "assistant", "content": [_text(answers[index])]})
-    return messages
-
-
-def render_llava_chat(processor, system_prompt: str, history: list[Turn], message: str) -> str:
-    """The processor's chat template; without one, LLaVA-1.5's Vicuna v1 format, said explicitly."""
-    if not getattr(processor, "chat_template", None):
-        image = getattr(processor, "image_token", "<image>")
-        turns = list(history)
-        if turns:
-            turns[0] = Turn(f"{image}\n{turns[0].user}", turns[0].assistant)
-        else:
-            message = f"{image}\n{message}"
-        return vicuna_prompt(system_prompt, turns, message)
-    messages = llava_messages(system_prompt, history, message)
-    try:
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except TemplateError:
-        # Some templates refuse a system role: fold it into the first user turn.
-        merged = llava_messages("", history, message)
-        merged[0]["content"][1] = _text(f"{system_prompt.strip()}\n\n{merged[0]['content'][1]['text']}")
-        return processor.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
-
-
-def _text(text: str) -> dict[str, str]:
-    return {"type": "text", "text": text}
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _rgb(image) -> Image.Image:
-    if not isinstance(image, Image.Image):
-        raise BadImage("No image was given; please upload one.")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def encode_image_prompt(loaded: LoadedVision, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs on the model's devices; floating tensors (pixels) in the vision tower's dtype."""
-    bos = loaded.tokenizer.bos_token
-    # Like prompting.encode_rendered: exactly one BOS whether or not a chat template wrote it.
-    add_bos = not (bos and prompt.startswith(bos))
-    inputs = loaded.processor(
-        images=_rgb(image), text=prompt, return_tensors="pt", add_special_tokens=add_bos
-    )
-    device = input_device(loaded.model)
-    pixels = _vision_dtype(loaded.model)
-    return {
-        key: value.to(device, pixels) if value.is_floating_point() else value.to(device)
-        for key, value in inputs.items()
-    }
-
-
-def _vision_dtype(model) -> torch.dtype:
-    """The dtype of the patch embedding, the layer that receives the pixels."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            return module.weight.dtype
-    return model.get_input_embeddings().weight.dtype
-
-
-def check_fits(loaded: LoadedVision, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> None:
-    """Raise ContextOverflow unless the prompt (image tokens included) and the reply fit the context."""
-    problem = overflow(loaded, inputs, max_new_tokens)
-    if problem:
-        raise ContextOverflow(problem)
-
-
-def overflow(loaded: LoadedVision, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> str | None:
-    """Why the prompt does not fit, or None when it does."""
-    budget = prompt_budget(loaded.context_window, max_new_tokens)
-    length = inputs["input_ids"].shape[-1]
-    if length > budget:
-        return (
-            f"The prompt needs {length} tokens (image included) but only {budget} fit in the context "
-            "window after room for the reply. Shorten the text or lower max_new_tokens."
-        )
-    qformer_ids = inputs.get("qformer_input_ids")
-    qformer_config = getattr(loaded.model.config, "qformer_config", None)
-    qformer_limit = getattr(qformer_config, "max_position_embeddings", 0)
-    if qformer_ids is not None and qformer_limit and qformer_ids.shape[-1] > qformer_limit:
-        return f"The question is {qformer_ids.shape[-1]} tokens; the Q-Former reads at most {qformer_limit}."
-    return None
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def prompt_size(inputs: dict[str, torch.Tensor]) -> int:
-    """Tokens the language model reads, image placeholders included (API usage counts)."""
-    return int(inputs["input_ids"].shape[-1])
