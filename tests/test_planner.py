@@ -237,6 +237,9 @@ def test_too_small_does_not_fit_and_says_how_much_is_missing(configs) -> None:
     missing = plan.devices["disk"].planned_bytes
     assert missing > 10 * GiB
     assert plan.warnings[0].startswith(f"Does not fit: {missing / GiB:.2f} GiB more GPU or CPU memory")
+    # What to change; the room kept is one request's, so --max-batch-size is no longer the cause.
+    assert "--quantization 4bit" in plan.warnings[0] and "--context-length" in plan.warnings[0]
+    assert "--max-batch-size" not in plan.warnings[0]
     assert "disk" in set(plan.model("text").device_map.values())
     assert plan.to_json()["fits"] is False
 
@@ -253,7 +256,22 @@ def test_json_has_the_documented_shape(configs) -> None:
         assert all(isinstance(n, int) for n in use.values())
     assert [m["role"] for m in data["models"]] == ["text", "vision"]
     for model in data["models"]:
-        assert set(model) == {"role", "name", "dtype", "quantization", "total_bytes", "device_map"}
+        # kv_cache was added to the contract (additive): the pool planned for the model.
+        assert set(model) == {
+            "role",
+            "name",
+            "dtype",
+            "quantization",
+            "total_bytes",
+            "device_map",
+            "kv_cache",
+        }
+        assert set(model["kv_cache"]) == {"tokens", "bytes", "max_concurrency"}
+        assert isinstance(model["kv_cache"]["tokens"], int) and isinstance(model["kv_cache"]["bytes"], int)
+        assert (
+            isinstance(model["kv_cache"]["max_concurrency"], float)
+            and model["kv_cache"]["max_concurrency"] >= 1
+        )
         assert model["quantization"] in ("none", "8bit", "4bit") and model["dtype"] == "float16"
         assert set(model["device_map"].values()) <= {"0", "1", "cpu", "disk"}
     assert isinstance(data["fits"], bool) and all(isinstance(w, str) for w in data["warnings"])

@@ -175,7 +175,8 @@ def plan_specs(
     """Where the models ({"text": spec, "vision": spec}) go, planned together from their configs alone.
 
     The loaders and `app.py --plan` both plan here. Budgets come from the first spec (both come from the
-    same flags). Configs not given are looked up without the network (backend.models.configs).
+    same flags). Configs not given are looked up without the network (backend.models.configs). Each
+    model's KV pool holds up to max_batch_size full-context requests (DevicePlan.kv_cache_tokens).
     """
     configs = configs or {}
     first = next(iter(specs.values()))
@@ -193,7 +194,8 @@ def plan_specs(
             ModelRequest(role, spec.name, config, spec.quantization, dtype, context, spec.max_batch_size)
         )
     plan = plan_models(requests, gpus, cpu_budget)
-    return replace(plan, warnings=(*notes, *plan.warnings))
+    lead = 0 if plan.fits else 1  # "Does not fit: ..." stays the first warning
+    return replace(plan, warnings=(*plan.warnings[:lead], *notes, *plan.warnings[lead:]))
 
 
 def plan_report(specs: dict[str, ModelSpec], as_json: bool) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from backend.placement.advice import device_warnings, offload_warnings
 from backend.placement.kv_pool import kv_need, size_pools
 from backend.placement.plans import (
     Device,
@@ -39,9 +40,7 @@ from backend.placement.plans import (
     DeviceUse,
     JointPlan,
     ModelPlacement,
-    device_label,
-    device_labels,
-    size_text,
+    collapse_device_map,
 )
 from backend.placement.sizes import (
     Unit,
@@ -300,103 +299,26 @@ def _finish(models: dict[str, _Model], placed: dict[str, _Placed], ledger: _Ledg
         d: DeviceUse(budget, ledger.planned.get(d, 0), ledger.reserved.get(d, 0))
         for d, budget in ledger.budgets.items()
     }
-    placements = []
-    warnings = []
+    placements, warnings = [], []
     has_gpus = any(isinstance(d, int) for d in ledger.budgets)
-    for role in ROLES:
-        if role not in placed:
-            continue
-        model, where = models[role], placed[role]
+    for role in (r for r in ROLES if r in placed):
+        model, where, r = models[role], placed[role], models[role].request
         device_map = collapse_device_map(
             {name: place for u, place in zip(model.units, where.places, strict=True) for name in u.names}
         )
-        r = model.request
-        mine = _offload_warnings(role, model.units, where, has_gpus, len(placed) == 2)
+        mine = offload_warnings(role, where.places, where.planned, has_gpus, len(placed) == 2)
+        total = sum(where.planned.values())
         placements.append(
-            ModelPlacement(
-                role, r.name, r.dtype, r.quantization, device_map, sum(where.planned.values()), mine, pools[role]
-            )
+            ModelPlacement(role, r.name, r.dtype, r.quantization, device_map, total, tuple(mine), pools[role])
         )
         warnings += mine
-    for d, use in devices.items():
-        over = use.planned_bytes + use.reserved_bytes - use.budget_bytes
-        if d != "disk" and over > 0:
-            warnings.append(f"{device_label(d)} is over its budget by {size_text(over)}.")
-    missing = devices["disk"].planned_bytes
-    if missing:
-        on_disk = sum(where.places.count("disk") for where in placed.values())
-        warnings.insert(0, _does_not_fit(missing, on_disk, [models[role] for role in placed]))
-        if missing > devices["disk"].budget_bytes:
-            warnings.append(
-                f"Disk offload needs {size_text(missing)} but only "
-                f"{size_text(devices['disk'].budget_bytes)} are free."
-            )
-    return JointPlan(devices, tuple(placements), tuple(warnings))
-
-
-def _does_not_fit(missing: int, on_disk: int, models: list[_Model]) -> str:
-    """The shortfall and what to change; the room kept per model is one request, not --max-batch-size."""
-    flags = {"text": "--quantization 4bit", "vision": "--vision-quantization 4bit"}
-    quantize = [flags[m.request.role] for m in models if m.request.quantization != "4bit"]
-    kept = sum(m.kv + m.activation for m in models)
-    return (
-        f"Does not fit: {size_text(missing)} more GPU or CPU memory is needed ({on_disk} parts would be "
-        "offloaded to disk). Raise --gpu-memory/--cpu-memory"
-        + (f", quantize ({' and '.join(quantize)})" if quantize else "")
-        + f", or lower --context-length (one full-context request's KV cache and activations take "
-        f"{size_text(kept)})."
+    first, last = device_warnings(
+        devices,
+        sum(where.places.count("disk") for where in placed.values()),
+        {role: models[role].request.quantization for role in placed},
+        sum(models[role].kv + models[role].activation for role in placed),
     )
-
-
-def _offload_warnings(role: str, units: list[Unit], where: _Placed, has_gpus: bool, both: bool) -> list[str]:
-    model = "The chat model" if role == "text" else "The vision model"
-    warnings = []
-    devices = where.devices
-    on_gpu = any(isinstance(d, int) for d in devices)
-    if has_gpus and not on_gpu:
-        why = (
-            "so that the chat model keeps the GPUs"
-            if role == "vision" and both
-            else "as no GPU has room for it"
-        )
-        slow = "captions" if role == "vision" else "generation"
-        warnings.append(f"{model} runs on the CPU {why}: {slow} will be slow.")
-    if role == "vision" and len(devices) > 1:
-        warnings.append(
-            f"{model} does not fit whole on one device: it is split over {device_labels(devices)}."
-        )
-    count = {d: sum(1 for u, p in zip(units, where.places, strict=True) if p == d) for d in ("cpu", "disk")}
-    if on_gpu and count["cpu"]:
-        warnings.append(
-            f"{model}: {count['cpu']} of {len(units)} parts are offloaded to CPU RAM "
-            f"({size_text(where.planned['cpu'])}): generation will be much slower (their weights cross to "
-            "the GPU at every step)."
-        )
-    if count["disk"]:
-        warnings.append(
-            f"{model}: {count['disk']} of {len(units)} parts are offloaded to disk "
-            f"({size_text(where.planned['disk'])}): generation will be very slow (their weights are read "
-            "from disk at every step)."
-        )
-    return warnings
-
-
-def collapse_device_map(assigned: dict[str, Device]) -> dict[str, Device]:
-    """The shortest map: a module whose pieces all share a device becomes one entry ("" = the whole model)."""
-    collapsed: dict[str, Device] = {}
-
-    def visit(prefix: str) -> None:
-        under = [n for n in assigned if not prefix or n == prefix or n.startswith(prefix + ".")]
-        places = {assigned[n] for n in under}
-        if len(places) == 1:
-            collapsed[prefix] = places.pop()
-            return
-        start = len(prefix) + 1 if prefix else 0
-        for child in dict.fromkeys(n[start:].split(".")[0] for n in under if n != prefix):
-            visit(f"{prefix}.{child}" if prefix else child)
-
-    visit("")
-    return collapsed
+    return JointPlan(devices, tuple(placements), (*first, *warnings, *last))
 
 
 def plan_device_map(

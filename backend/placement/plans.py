@@ -54,8 +54,8 @@ class KVPool:
 
     def text(self) -> str:
         return (
-            f"KV cache: {self.tokens:,} tokens ({size_text(self.bytes)}), room for {self.max_concurrency:.2f} "
-            f"full-context requests ({self.context_length:,} tokens each)"
+            f"KV cache: {self.tokens:,} tokens ({size_text(self.bytes)}), room for "
+            f"{self.max_concurrency:.2f} full-context requests ({self.context_length:,} tokens each)"
         )
 
 
@@ -187,6 +187,24 @@ class JointPlan:
         if self.warnings:
             lines += ["", "Warnings:"] + [f"  - {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def collapse_device_map(assigned: dict[str, Device]) -> dict[str, Device]:
+    """The shortest map: a module whose pieces all share a device becomes one entry ("" = the whole model)."""
+    collapsed: dict[str, Device] = {}
+
+    def visit(prefix: str) -> None:
+        under = [n for n in assigned if not prefix or n == prefix or n.startswith(prefix + ".")]
+        places = {assigned[n] for n in under}
+        if len(places) == 1:
+            collapsed[prefix] = places.pop()
+            return
+        start = len(prefix) + 1 if prefix else 0
+        for child in dict.fromkeys(n[start:].split(".")[0] for n in under if n != prefix):
+            visit(f"{prefix}.{child}" if prefix else child)
+
+    visit("")
+    return collapsed
 
 
 def shorten_ranges(keys: list[str]) -> list[str]:
