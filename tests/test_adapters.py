@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import gradio as gr
 import pytest
 import torch
 
+import backend.decode.engine as engine_module
 from backend.config import parse_config
 from backend.decode.engine import EngineLimits
 from backend.decode.generation import generate_beam, stream_generate
@@ -19,8 +20,11 @@ from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec
 from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
-from tests.streams import last_items_together
+from tests import streams as stream_helpers
+from tests.streams import HANG, last_items_together, plugged
 from ui.controls import build_controls
+
+watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
 
 LIMITS = ServerLimits()
 GREEDY = GenerationSettings(seed=0, mode="greedy", max_new_tokens=12, repetition_penalty=1.0)
@@ -69,12 +73,12 @@ def adapters(demo_text_dir, tmp_path_factory) -> tuple[AdapterSpec, ...]:
     )
 
 
-@pytest.fixture(scope="module", params=["none", "4bit"])
+@pytest.fixture(scope="module", params=["none", pytest.param("4bit", marks=pytest.mark.slow)])
 def service(request, demo_text_dir, adapters) -> ChatService:
     spec = ModelSpec(str(demo_text_dir), quantization=request.param, dtype="float32", adapters=adapters)
     holder = ModelHolder(spec, fallback_to_demo=False)
     assert holder.load().state == "ready", holder.status().stage
-    service = ChatService(holder, LIMITS, EngineLimits(max_batch_size=8, gather_seconds=0.3))
+    service = ChatService(holder, LIMITS, EngineLimits(max_batch_size=8))
     yield service
     service.release("test over")
 
@@ -121,22 +125,18 @@ def test_adapters_load_on_fp32_and_4bit_bases_and_change_the_reply(service):
     assert inspected[0].tokens != inspected[1].tokens  # the Inspector shows the adapter's distribution
 
 
-def test_each_row_of_one_batch_uses_its_own_adapter(service, monkeypatch):
+def test_each_row_of_one_batch_uses_its_own_adapter(service, monkeypatch, watch_forwards):
     loaded = service.holder.get()
-    forwards = {"n": 0}
-    original = loaded.model.forward
-
-    def counting(*args, **kwargs):
-        forwards["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loaded.model, "forward", counting)
+    engine = service.engine(loaded)
+    forwards = watch_forwards(loaded.model, stats=engine.stats)
     names = ["alpha", "", "beta", "alpha", ""]
     jobs = [(PROMPTS[0], name) for name in names[:3]] + [(PROMPTS[1], "alpha"), (PROMPTS[2], "")]
-    streams = [service.complete(text, settings_with(adapter=name)) for text, name in jobs]
+    with plugged(engine, loaded.tokenizer("plug")["input_ids"]):  # all five are queued before any starts
+        streams = [service.complete(text, settings_with(adapter=name)) for text, name in jobs]
     results = last_items_together(streams)
-    # One prefill for all (the engine gathers arrivals), then one step per token: one batch.
-    assert forwards["n"] <= GREEDY.max_new_tokens
+    # All five decode together: one step per token of the longest reply after the first.
+    steps = forwards.steps()
+    assert steps[0] == 5 and len(steps) == max(result.new_tokens for result in results) - 1
     monkeypatch.undo()
     assert len({result.text for result in results[:3]}) == 3  # one prompt, three adapters, three replies
     for (text, name), result in zip(jobs, results, strict=True):
@@ -146,21 +146,35 @@ def test_each_row_of_one_batch_uses_its_own_adapter(service, monkeypatch):
         assert result.text.strip() == alone.text.strip(), (text, name)
 
 
-def test_a_beam_search_beside_the_batch_keeps_its_own_adapter(service, monkeypatch):
-    """Beams run in their own thread while the batch decodes on the base model: neither sees the other's."""
+def test_a_beam_search_beside_the_batch_keeps_its_own_adapter(service, monkeypatch, watch_forwards):
+    """Beams run in their own thread while the batch decodes on the base model: neither sees the other's.
+
+    Ordered by events, not by which finishes first: the batch waits inside a decode step (its rows'
+    adapters chosen) until the beam search is inside its own adapter's scope; then the batch's step runs
+    while the beam search waits there, and the beam search runs once the batch has left its step.
+    """
     loaded = service.holder.get()
-    original = loaded.model.forward
+    forwards = watch_forwards(loaded.model, hold_at=1)  # the batch's first decode step
+    beam_entered, beam_go_on = threading.Event(), threading.Event()
+    real_beam = engine_module.generate_beam
 
-    def slow(*args, **kwargs):  # the batch's steps only: generate() does not call the wrapper's forward
-        time.sleep(0.01)
-        return original(*args, **kwargs)
+    def held_beam(*args, **kwargs):  # called inside the engine's rows_using([adapter]) on the beam's thread
+        beam_entered.set()
+        assert beam_go_on.wait(HANG), "the test never let the beam search go on"
+        return real_beam(*args, **kwargs)
 
-    monkeypatch.setattr(loaded.model, "forward", slow)
+    monkeypatch.setattr(engine_module, "generate_beam", held_beam)
     batch = service.complete(PROMPTS[1], settings_with(max_new_tokens=30))
-    next(batch)  # decoding
+    forwards.wait_held()
     beam_settings = settings_with(mode="beam", num_beams=3, max_new_tokens=8)
-    beam = list(service.complete(PROMPTS[0], replace(beam_settings, adapter="alpha")))[-1].text
-    assert service.in_flight() == 1  # the batch was still running beside the beam search
+    beam_stream = service.complete(PROMPTS[0], replace(beam_settings, adapter="alpha"))
+    assert beam_entered.wait(HANG)
+    assert service.in_flight() == 2  # the batch and the beam search, both mid-way
+    forwards.go_on.set()  # the batch's step runs while the beam search is inside its adapter's scope
+    while next(batch).new_tokens < 2:  # that step is done and the batch has left it
+        pass
+    beam_go_on.set()
+    beam = list(beam_stream)[-1].text
     batch_text = list(batch)[-1].text
     monkeypatch.undo()
     assert beam != complete(service, PROMPTS[0], mode="beam", num_beams=3, max_new_tokens=8)

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,10 +79,9 @@ def test_plan_json_runs_offline_and_loads_no_weights(tmp_path: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PLAYGROUND_CACHE": str(tmp_path)}
     command = [sys.executable, "app.py", "--plan", "--json", "--model", "lmsys/vicuna-7b-v1.5"]
     command += ["--vision-model", "none", "--gpu-memory", "0=8GiB,1=8GiB"]
-    started = time.perf_counter()
+    # The timeout only guards against a hang (no assertion on how long it took).
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert time.perf_counter() - started < 60  # imports and a meta-device plan; most of it is imports
     plan = json.loads(result.stdout)
     assert set(plan) == {"devices", "models", "fits", "warnings"}
     assert list(plan["devices"]) == ["0", "1", "cpu", "disk"]

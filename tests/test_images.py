@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import random
 import struct
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -163,11 +162,9 @@ def test_decompression_bomb_refused_before_decoding(monkeypatch: pytest.MonkeyPa
     def no_decoding(self: ImageFile.ImageFile) -> None:
         raise AssertionError("pixels were decoded")
 
-    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    start = time.perf_counter()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)  # what makes a bomb slow: never reached
     with pytest.raises(BadImage, match=r"The image is 900 megapixels; the limit is 50 megapixels\."):
         load_image(bomb)
-    assert time.perf_counter() - start < 0.5
 
 
 def test_bomb_under_pils_limit_is_refused_by_ours_with_its_dimensions(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -15,9 +14,12 @@ from backend.models.vision_loading import load_vision_model
 from backend.services.chat import ChatService
 from backend.services.vision import VisionService
 from backend.settings import GenerationSettings, ServerLimits
-from tests.streams import last_items_together
+from tests import streams as stream_helpers
+from tests.streams import HANG, last_items_together
 from ui.messages import history_to_turns, image_paths, is_caption_note
 from ui.visual_chat import needs_vision_model, visual_turn
+
+watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
 
 LIMITS = ServerLimits(max_new_tokens=64)
 QUICK = GenerationSettings(seed=3, max_new_tokens=6)
@@ -55,7 +57,7 @@ def test_every_bad_upload_gets_a_clear_refusal(llava, image_zoo):
 
 def test_caption_is_reproducible_and_depends_on_the_image(blip2, image_zoo):
     house, gray = str(image_zoo["good"]["picture.webp"]), str(image_zoo["good"]["grayscale.png"])
-    greedy = GenerationSettings(mode="greedy", max_new_tokens=12)
+    greedy = GenerationSettings(seed=0, mode="greedy", max_new_tokens=12)
     first = list(blip2.caption(house, "", greedy))[-1].text
     assert first == list(blip2.caption(house, "", greedy))[-1].text
     assert first != list(blip2.caption(gray, "", greedy))[-1].text
@@ -125,13 +127,13 @@ def test_image_streams_run_on_threads_that_end(llava, blip2, image_zoo, monkeypa
     stream.close()
     assert len(ran_on) == 4
     for thread in ran_on:
-        thread.join(5)
+        thread.join(HANG)
         assert thread is not threading.current_thread() and not thread.is_alive()
 
 
 @pytest.mark.parametrize("name", ["llava", "blip2"])
 def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone(
-    name, request, image_zoo, monkeypatch
+    name, request, image_zoo, monkeypatch, watch_forwards
 ):
     """Image requests join one batch (prefill alone with the image, then decode together)."""
     from backend.decode.vision_replies import caption_stream, engine_model
@@ -142,23 +144,18 @@ def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone
     images = [str(path) for path in list(image_zoo["good"].values())[:3]]
     jobs = [
         (images[0], "", GenerationSettings(seed=11, max_new_tokens=12, temperature=0.9)),
-        (images[1], "What is it?", GenerationSettings(mode="greedy", max_new_tokens=9)),
+        (images[1], "What is it?", GenerationSettings(seed=0, mode="greedy", max_new_tokens=9)),
         (images[2], "", GenerationSettings(seed=5, max_new_tokens=12, top_k=5, repetition_penalty=1.2)),
     ]
     decoder = engine_model(loaded)
-    calls = []
-    original = decoder.forward
-
-    def slow_forward(*args, **kwargs):  # slow enough that the three requests overlap
-        calls.append(1)
-        time.sleep(0.02)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(decoder, "forward", slow_forward)
-    streams = [service.caption(image, prompt, settings) for image, prompt, settings in jobs]
+    # The engine's first decode step waits until all three are queued.
+    forwards = watch_forwards(decoder, hold_at=1)
+    streams = [service.caption(image, prompt, settings) for image, prompt, settings in jobs]  # each queued
+    forwards.go_on.set()
     results = last_items_together(streams)
-    together_calls = len(calls)
+    together = forwards.calls()
     for (image, prompt, settings), result in zip(jobs, results, strict=True):
-        alone = list(caption_stream(loaded, load_image(image), prompt, settings))[-1]
+        alone = list(caption_stream(loaded, load_image(image), prompt, settings))[-1]  # on this thread
         assert (result.text, result.new_tokens) == (alone.text, alone.new_tokens), (name, prompt)
-    assert together_calls < len(calls) - together_calls  # fewer forward passes than one at a time
+    one_at_a_time = forwards.calls(threading.current_thread().name)
+    assert together < one_at_a_time  # fewer forward passes than one at a time
