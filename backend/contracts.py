@@ -54,7 +54,10 @@ class ModelSource(Protocol):
 
 
 class ChatBackend(Protocol):
-    """Chat, completion and the Inspector, streamed; bad input raises before the stream starts."""
+    """Chat, completion and the Inspector, streamed; bad input raises before the stream starts.
+
+    `settings` come from the edge as `settings.request_settings` makes them: validated, with a concrete seed.
+    """
 
     holder: ModelSource
     limits: ServerLimits
@@ -62,6 +65,10 @@ class ChatBackend(Protocol):
 
     @property
     def adapters(self) -> tuple[str, ...]: ...
+
+    def kv_usage(self) -> tuple[int, int | None] | None:
+        """(KV tokens held by running requests, the budget or None); None where nothing is known."""
+        ...
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]: ...
 

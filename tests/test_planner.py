@@ -292,8 +292,11 @@ def test_collapse_and_ranges() -> None:
 def test_loading_with_cpu_and_disk_offload_generates_the_same(
     demo_text_dir: Path, demo_model, tmp_path
 ) -> None:
-    # With a CPU budget for the embeddings and one decoder layer, the rest goes to disk.
-    roomy = plan_specs({"text": ModelSpec(str(demo_text_dir), dtype="float32", context_length=64)})
+    # With a CPU budget for the embeddings and one decoder layer, the rest goes to disk. One request at a
+    # time, so that what the roomy plan reserves is what placement keeps (no pool grown beyond it).
+    roomy = plan_specs(
+        {"text": ModelSpec(str(demo_text_dir), dtype="float32", context_length=64, max_batch_size=1)}
+    )
     units = model_units(meta_model_from_config(demo_model.config), "none", torch.float32, 0)
     cpu_budget = roomy.devices["cpu"].reserved_bytes + sum(u.resident_bytes for u in units[:2])
     cpu_budget += max(u.offloaded_bytes for u in units[2:])  # one disk part at a time is read into RAM
@@ -302,6 +305,7 @@ def test_loading_with_cpu_and_disk_offload_generates_the_same(
         dtype="float32",
         cpu_memory=str(cpu_budget),
         context_length=64,
+        max_batch_size=1,
         offload_dir=str(tmp_path),
     )
     loaded = load_text_model(spec)

@@ -103,14 +103,19 @@ def plan_html(report: dict | None) -> str:
     )
 
 
-def stats_markdown(snapshot, waiting: int | None) -> str:
+def stats_markdown(snapshot, waiting: int | None, kv_usage: tuple[int, int | None] | None = None) -> str:
     queue = "unknown" if waiting is None else str(waiting)
-    return (
+    text = (
         f"**Active requests:** {snapshot.active_requests} · **waiting in queue:** {queue} · "
         f"**aggregate:** {snapshot.tokens_per_second:.1f} tok/s (last 10 s) · "
         f"**finished:** {snapshot.finished_requests} · **cancelled:** {snapshot.cancelled_requests} · "
         f"**failed:** {snapshot.failed_requests}"
     )
+    if kv_usage is not None:
+        used, capacity = kv_usage
+        held = f"{used:,} of {capacity:,} tokens ({used / capacity:.0%})" if capacity else f"{used:,} tokens"
+        text += f" · **KV cache in use:** {held}"
+    return text
 
 
 def history_frame(snapshot) -> pd.DataFrame:
@@ -165,7 +170,7 @@ def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.ev
         return (
             model_markdown(service.holder),
             plan_html(service.holder.plan_report()),
-            stats_markdown(snapshot, queue_length(demo)),
+            stats_markdown(snapshot, queue_length(demo), service.kv_usage()),
             history_frame(snapshot),
         )
 

@@ -96,7 +96,7 @@ class RequestState:
 
     def __init__(self, model, tokenizer, prompt_ids: list[int], settings: GenerationSettings):
         if settings.seed < 0:
-            raise ValueError("generation needs a concrete seed; call settings.with_seed() first")
+            raise ValueError("a concrete seed is needed: settings.request_settings draws it")
         self.tokenizer = tokenizer
         self.settings = settings
         self.started = time.perf_counter()

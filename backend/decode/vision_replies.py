@@ -54,7 +54,6 @@ def caption_stream(
 
     With `engine` (one decoding `engine_model(loaded)`), the request joins that engine's batch.
     """
-    settings = settings.with_seed()
     inputs = encode_image_prompt(loaded, image, caption_prompt(loaded.family, loaded.processor, question))
     check_fits(loaded, inputs, settings.max_new_tokens)
     return _replies(loaded, inputs, settings, engine, None)
@@ -75,7 +74,6 @@ def chat_with_image_stream(
         )
     if not isinstance(message, str) or not message.strip():
         raise BadInput("Message is empty: type something to send.")
-    settings = settings.with_seed()
     for dropped in range(len(history) + 1):
         text = render_llava_chat(loaded.processor, settings.system_prompt, history[dropped:], message.strip())
         inputs = encode_image_prompt(loaded, image, text)

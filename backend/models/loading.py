@@ -41,7 +41,7 @@ class ModelSpec:
     gpu_memory: str | None = None  # "0=20GiB,1=10GiB"; None: 90% of each visible GPU's free memory
     cpu_memory: str | None = None  # None: 80% of available RAM
     context_length: int | None = None  # KV-cache headroom is planned for this; None: the model's window
-    max_batch_size: int = 1
+    max_batch_size: int = 8  # requests decoded together: the KV pool is sized for this many
     offload_dir: str | None = None
     trust_remote_code: bool = False  # --trust-remote-code: the repository's own Python code may run
     adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters put on the chat model, chosen per request

@@ -141,15 +141,16 @@ class RemoteChatService:
         self.limits = limits
         self.stats = RequestStats()
 
+    def kv_usage(self) -> None:
+        return None  # the backend server keeps its KV cache to itself
+
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         self.limits.check_text("Message", message)
-        settings = settings.validated(self.limits).with_seed()
         messages = chat_messages(settings.system_prompt, history, message.strip())
         return self._run("/chat/completions", {"messages": messages}, settings, chat=True)
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
         self.limits.check_text("Text", text)
-        settings = settings.validated(self.limits).with_seed()
         return self._run("/completions", {"prompt": text}, settings, chat=False)
 
     def image_chat(
@@ -161,7 +162,6 @@ class RemoteChatService:
         pipeline: str,
     ) -> Iterator[Reply]:
         """`message` about `image` (already checked and decoded), sent inline as a data: URL."""
-        settings = settings.validated(self.limits).with_seed()
         messages = chat_messages(settings.system_prompt, history, "")
         url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
         parts = [{"type": "text", "text": message.strip()}, {"type": "image_url", "image_url": {"url": url}}]

@@ -56,18 +56,21 @@ class ChatService:
         """Requests the model has not finished yet (a model switch waits for them)."""
         return self._engines.pending()
 
+    def kv_usage(self) -> tuple[int, int | None] | None:
+        """(KV tokens the running requests hold, the model's KV budget); None while no engine runs."""
+        return self._engines.kv_usage()
+
     def release(self, reason: str) -> None:
         """Let go of the model before a switch: requests still in the engine fail with `reason`."""
         self._engines.release(reason)
         self._inspector = None
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
-        """Check everything, then return the stream of the reply to `message` after `history`.
+        """Check the message and the model-dependent settings, then return the stream of the reply.
 
         Not a generator itself: bad input raises here, before the caller shows anything.
         """
         self.limits.check_text("Message", message)
-        settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
         budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
@@ -77,7 +80,6 @@ class ChatService:
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
         """Continue `text` as is, no chat template; the stream holds only the continuation."""
         self.limits.check_text("Text", text)
-        settings = settings.validated(self.limits).with_seed()
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
         budget = prompt_budget(loaded.context_window, settings.max_new_tokens)
@@ -130,13 +132,11 @@ class ChatService:
 
     def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> NextTokens:
         """The top-n next tokens after `text`, before and after the warpers of `settings`."""
-        settings = settings.validated(self.limits)
         check_adapter(self.holder.get(), settings.adapter)
         return call_on_fresh_thread(self.inspector().next_tokens, self.text_ids(text), settings, n)
 
     def step_text(self, text: str, settings: GenerationSettings) -> str:
         """`text` plus the token generation would choose next (greedy, or seeded sample)."""
-        settings = settings.validated(self.limits)
         loaded = self.holder.get()
         check_adapter(loaded, settings.adapter)
         ids = self.text_ids(text)

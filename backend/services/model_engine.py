@@ -3,14 +3,28 @@ the count of work on a model that no engine counts."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
 from backend.errors import ModelNotReady
 
+log = logging.getLogger(__name__)
+
 MODEL_SWITCHED = "The model was switched; please resend your message."
+
+
+def kv_budget_text(limits: EngineLimits, context_window: int) -> str:
+    """What the engine admits by, as vLLM says it: KV tokens, and how many full-context requests fit."""
+    if limits.kv_tokens is None:
+        return f"KV cache: no budget planned; at most {limits.max_batch_size} requests at once"
+    return (
+        f"KV cache: {limits.kv_tokens:,} tokens; maximum concurrency for {context_window:,} tokens per "
+        f"request: {limits.kv_tokens / context_window:.2f}x (at most {limits.max_batch_size} at once)"
+    )
 
 
 class ModelEngine:
@@ -28,9 +42,16 @@ class ModelEngine:
             if self._engine is None or self._engine.model is not model:
                 if self._engine is not None:
                     self._engine.close(MODEL_SWITCHED)
+                limits = replace(self.limits, kv_tokens=loaded.plan.kv_cache_tokens)
+                log.info("%s: %s", self.holder.loaded_name, kv_budget_text(limits, loaded.context_window))
                 # A vision model's own generation_config names its end tokens, also when its LM decodes.
-                self._engine = Engine(model, loaded.tokenizer, self.limits, eos_model=loaded.model)
+                self._engine = Engine(model, loaded.tokenizer, limits, eos_model=loaded.model)
             return self._engine
+
+    def kv_usage(self) -> tuple[int, int | None] | None:
+        """(KV tokens reserved, the budget) of the engine now; None before the first request made one."""
+        engine = self._engine
+        return engine.kv_usage() if engine is not None else None
 
     def pending(self) -> int:
         """Requests the model has not finished yet (a model switch waits for them)."""

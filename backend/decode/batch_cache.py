@@ -1,0 +1,156 @@
+"""The batch's KV cache: each request keeps its keys and values in buffers of its own; attention runs per row.
+
+Our own, not transformers' DynamicCache, for two reasons. A shared left-padded cache makes a request's
+attention depend on its neighbours (the padded length, the kernel's blocking for it), so a seed gave other
+text in a batch than alone; here each row attends over exactly its own tokens, with shapes that depend on
+that request alone. And a padded cache holds rows x the longest row; here a request holds what it
+reserved, so the engine can admit requests by a KV budget (backend.decode.kv_budget).
+
+The model writes through `BatchCache` (a transformers Cache) and reads through `row_attention`, an
+attention function registered with transformers under ATTENTION; calls without a BatchCache (beam
+search, the Inspector, an image's prefill) fall through to transformers' own SDPA attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "playground_rows"
+
+
+class RowKV:
+    """One request's keys and values for every layer, room for `capacity` tokens (allocated per layer on
+    first write, on that layer's device: a model split over GPUs keeps each layer's KV beside it)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def length(self) -> int:
+        """Tokens stored (those of the layer written last in a forward pass are counted once it is done)."""
+        return min(self._lengths.values(), default=0)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add `keys`/`values` of shape [kv_heads, tokens, head_dim] after what `layer` holds."""
+        if layer not in self._keys:
+            shape = (1, keys.shape[0], self.capacity, keys.shape[-1])
+            self._keys[layer] = torch.empty(shape, dtype=keys.dtype, device=keys.device)
+            self._values[layer] = torch.empty(shape, dtype=values.dtype, device=values.device)
+            self._lengths[layer] = 0
+        start, count = self._lengths[layer], keys.shape[1]
+        if start + count > self.capacity:
+            raise RuntimeError(f"a request outgrew its reserved KV room ({self.capacity} tokens)")
+        self._keys[layer][0, :, start : start + count] = keys
+        self._values[layer][0, :, start : start + count] = values
+        self._lengths[layer] = start + count
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` so far: [1, kv_heads, tokens, head_dim], no copy."""
+        n = self._lengths[layer]
+        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n]
+
+    def load(self, cache: DynamicCache) -> None:
+        """Take over a one-row transformers cache (what an image's prefill returns)."""
+        for layer, cached in enumerate(cache.layers):
+            self.append(layer, cached.keys[0], cached.values[0])
+
+
+class BatchCache(Cache):
+    """What one forward pass writes into: batch row i goes to rows[i]; rows beyond len(rows) are padding."""
+
+    def __init__(self, rows: list[RowKV]):
+        super().__init__(layers=[])
+        self.rows = rows
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        for row, keys, values in zip(self.rows, key_states, value_states, strict=False):
+            row.append(layer_idx, keys, values)
+        return key_states, value_states  # row_attention reads each row's own buffers instead
+
+    # The model asks these to size a mask that row_attention does not use; keep that mask trivial.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int | None = None) -> int:
+        return 0
+
+
+def row_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    batch_cache: BatchCache | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    """Attention for each row over its own keys (query [batch, heads, q, dim]); padding rows give zeros."""
+    if batch_cache is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )  # fmt: skip
+    outputs = []
+    for index, row in enumerate(batch_cache.rows):
+        keys, values = row.view(module.layer_idx)
+        outputs.append(_attend(query[index : index + 1], keys, values, scaling, sliding_window, softcap))
+    padding = query.shape[0] - len(outputs)
+    if padding:
+        outputs.append(query.new_zeros((padding, *query.shape[1:])))
+    return torch.cat(outputs).transpose(1, 2).contiguous(), None
+
+
+def _attend(query, keys, values, scaling, sliding_window, softcap) -> torch.Tensor:
+    """One row: query [1, heads, q, dim] against its keys [1, kv_heads, n, dim]; the last q are causal."""
+    q, n = query.shape[2], keys.shape[2]
+    if q == 1 and sliding_window:
+        keys, values = keys[:, :, -sliding_window:], values[:, :, -sliding_window:]
+    mask = None
+    if (q > 1 and (sliding_window or q < n)) or softcap is not None:
+        positions = torch.arange(n - q, n, device=query.device)[:, None]
+        seen = torch.arange(keys.shape[2], device=query.device)[None, :] + (n - keys.shape[2])
+        mask = seen <= positions
+        if sliding_window:
+            mask &= seen > positions - sliding_window
+    groups = query.shape[1] // keys.shape[1]
+    if softcap is not None:  # SDPA has no softcap (Gemma 2): the same maths by hand
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = torch.tanh(query @ keys.transpose(-1, -2) * scale / softcap) * softcap
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values
+    return F.scaled_dot_product_attention(
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        scale=scaling,
+        is_causal=q > 1 and mask is None,
+        enable_gqa=groups > 1,
+    )
+
+
+def use_row_attention(model) -> None:
+    """Make `model`'s language model attend through row_attention (its vision tower keeps its own)."""
+    model.config.get_text_config()._attn_implementation = ATTENTION
+
+
+# transformers looks attention functions up by name in its own registry: registering ours there is how a
+# model picks it; the mask function is SDPA's, for the calls that fall through to SDPA.
+AttentionInterface.register(ATTENTION, row_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -1,0 +1,231 @@
+"""Seeds hold under load: a request's numbers do not depend on what else is in the batch, by construction.
+
+Two kinds of test. The shape tests hold on any machine: they record the shape of every matrix multiply
+and attention call and check that none depends on a request's neighbours, which is what makes the
+numbers equal whatever kernels a CPU (AVX2, AVX512-BF16, AMX) or GPU picks for a shape. The bitwise
+tests then compare token ids and first-step logits alone and in a batch, in float32 and bfloat16 (the
+dtype the app picks on a bf16 CPU and on GPUs), on a model wide enough (576, SmolLM2's width) that a
+float32 Linear here gives other last bits for 1 row than for 2 or more.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import backend.decode.batch_cache as batch_cache
+from backend.decode.engine import Engine, EngineLimits
+from backend.decode.generation import RequestState
+from backend.settings import GenerationSettings
+from tests.streams import last_items_together, no_early_end, plugged
+
+ROWS = 8
+PROMPT_LENGTHS = [5, 17, 9, 30, 3, 12, 22, 7]
+MODES = {
+    "sampled": dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    "greedy": dict(mode="greedy", repetition_penalty=1.0),
+}
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def wide_model(request, demo_tokenizer):
+    config = LlamaConfig(
+        vocab_size=-(-len(demo_tokenizer) // 64) * 64,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=3,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+        bos_token_id=demo_tokenizer.bos_token_id,
+        eos_token_id=demo_tokenizer.eos_token_id,
+        pad_token_id=demo_tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.to(request.param).eval()  # random weights: a fresh model has no rotary buffers to spoil
+
+
+@pytest.fixture
+def engine(wide_model, demo_tokenizer):
+    engine = Engine(
+        wide_model, demo_tokenizer, EngineLimits(max_batch_size=ROWS, max_queue=16, idle_seconds=0.05)
+    )
+    yield engine
+    engine.close()
+
+
+def prompt(index: int) -> list[int]:
+    generator = torch.Generator().manual_seed(index)
+    return [1] + torch.randint(5, 900, (PROMPT_LENGTHS[index] - 1,), generator=generator).tolist()
+
+
+def settings(index: int, mode: str) -> GenerationSettings:
+    return GenerationSettings(seed=1000 + index, max_new_tokens=12, **MODES[mode])
+
+
+class Recorder:
+    """Each request's first-step logits and token ids, keyed by its seed (unique per request here)."""
+
+    def __init__(self, monkeypatch):
+        self.first_logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, list[int]] = {}
+        original = RequestState.step
+
+        def step(state, logits):
+            update = original(state, logits)
+            self.first_logits.setdefault(state.settings.seed, logits.detach().clone())
+            self.tokens[state.settings.seed] = list(state.generated)
+            return update
+
+        monkeypatch.setattr(RequestState, "step", step)
+
+    def of(self, index: int) -> tuple[torch.Tensor, list[int]]:
+        return self.first_logits[1000 + index], self.tokens[1000 + index]
+
+
+def drain(handles) -> None:
+    last_items_together([(u for u in handle if u.queue_position is None) for handle in handles])
+
+
+def alone(engine, index: int, mode: str) -> None:
+    drain([engine.submit(prompt(index), settings(index, mode))])
+
+
+def assert_same(recorder: Recorder, reference: dict[int, tuple[torch.Tensor, list[int]]]) -> None:
+    for index, (logits, tokens) in reference.items():
+        batched_logits, batched_tokens = recorder.of(index)
+        assert batched_tokens == tokens, f"request {index}: other tokens beside others than alone"
+        assert torch.equal(batched_logits, logits), (
+            f"request {index}: first-step logits differ in the last bits"
+        )
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_request_gets_the_same_bits_alone_and_with_seven_others_at_once(
+    engine, demo_tokenizer, monkeypatch, mode
+):
+    no_early_end(monkeypatch)
+    recorder = Recorder(monkeypatch)
+    for index in range(ROWS):
+        alone(engine, index, mode)
+    reference = {index: recorder.of(index) for index in range(ROWS)}
+    recorder.first_logits.clear()
+    with plugged(engine, prompt(0)):  # all eight wait, then start together
+        handles = [engine.submit(prompt(i), settings(i, mode)) for i in range(ROWS)]
+    drain(handles)
+    assert_same(recorder, reference)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_staggered_newcomers_of_mixed_lengths_change_no_bits(engine, monkeypatch, mode):
+    no_early_end(monkeypatch)
+    recorder = Recorder(monkeypatch)
+    for index in range(5):
+        alone(engine, index, mode)
+    reference = {index: recorder.of(index) for index in range(5)}
+    recorder.first_logits.clear()
+    handles, streams = [], []
+    for index in range(5):  # each joins once the one before has its first token: mid-reply of the others
+        handle = engine.submit(prompt(index), settings(index, mode))
+        stream = (u for u in handle if u.queue_position is None)
+        first = next(stream)
+        assert not first.finished
+        handles.append(handle)
+        streams.append(stream)
+    last_items_together(streams)
+    assert_same(recorder, reference)
+
+
+def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_the_fixed_batch(
+    wide_model, engine, monkeypatch
+):
+    """Machine-independent: what AMX or a GPU would show, shown by shapes on any CPU."""
+    no_early_end(monkeypatch)
+    linear_inputs: dict[str, list[tuple[int, ...]]] = defaultdict(list)
+    attention: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(list)
+    run = ["alone"]
+
+    def record_linear(module, args):
+        if threading.current_thread().name == "engine":
+            linear_inputs[run[0]].append(tuple(args[0].shape))
+
+    hooks = [
+        m.register_forward_pre_hook(record_linear)
+        for m in wide_model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    original_attend = batch_cache._attend
+
+    def attend(query, keys, values, *rest):
+        attention[run[0]].append((tuple(query.shape), tuple(keys.shape)))
+        return original_attend(query, keys, values, *rest)
+
+    monkeypatch.setattr(batch_cache, "_attend", attend)
+    try:
+        alone(engine, 3, "sampled")
+        run[0] = "batched"
+        with plugged(engine, prompt(0)):
+            handles = [engine.submit(prompt(i), settings(i, "sampled")) for i in range(ROWS)]
+        drain(handles)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hidden = wide_model.config.hidden_size
+    own_lengths = set(PROMPT_LENGTHS) | {1}  # a prefill's head reads its last position only
+    for name in ("alone", "batched"):
+        for shape in linear_inputs[name]:
+            rows, tokens = shape[0], shape[1]
+            # A decode step: exactly ROWS rows of one token; a prefill: one request's prompt, alone.
+            assert (rows, tokens) == (ROWS, 1) or (rows == 1 and tokens in own_lengths), (name, shape)
+        for query, keys in attention[name]:
+            assert query[0] == keys[0] == 1, (name, query, keys)  # attention is per row, over its own keys
+    # The request alone saw nothing that it does not also see in the batch.
+    assert set(linear_inputs["alone"]) <= set(linear_inputs["batched"])
+    assert set(attention["alone"]) <= set(attention["batched"])
+    assert any(shape[:2] == (ROWS, 1) for shape in linear_inputs["alone"])  # padded to the fixed row count
+    assert hidden in {shape[-1] for shape in linear_inputs["alone"]}
+
+
+def test_the_kv_budget_admits_in_order_and_never_holds_more_than_it_has(
+    wide_model, demo_tokenizer, monkeypatch
+):
+    """16 requests against a budget of about three: all finish with their text alone, in order, within it."""
+    no_early_end(monkeypatch)
+    need = max(PROMPT_LENGTHS) + 12
+    engine = Engine(
+        wide_model,
+        demo_tokenizer,
+        EngineLimits(
+            max_batch_size=ROWS, max_queue=16, kv_tokens=3 * need, poll_seconds=0.01, idle_seconds=0.05
+        ),
+    )
+    recorder = Recorder(monkeypatch)
+    try:
+        for index in range(ROWS):
+            alone(engine, index, "sampled")
+        reference = {index: recorder.of(index) for index in range(ROWS)}
+        recorder.first_logits.clear()
+        peaks = []
+        original = engine._decode_step
+
+        def decode_step():
+            peaks.append(engine.kv_usage()[0])
+            original()
+
+        monkeypatch.setattr(engine, "_decode_step", decode_step)
+        with plugged(engine, prompt(0)):
+            handles = [engine.submit(prompt(i % ROWS), settings(i % ROWS, "sampled")) for i in range(16)]
+            assert [handle.position() for handle in handles] == list(range(1, 17))  # what each hears
+        drain(handles)
+    finally:
+        engine.close()
+    assert peaks and max(peaks) <= 3 * need  # never more KV reserved than the budget holds
+    assert max(peaks) > need  # and more than one request at a time
+    assert engine.kv_usage()[0] == 0  # every reservation given back
+    assert_same(recorder, reference)
