@@ -115,6 +115,14 @@ class GenerationSettings:
         return cls(**kwargs).validated(limits)
 
 
+def request_settings(values: Mapping[str, Any], limits: ServerLimits) -> GenerationSettings:
+    """The edge (UI handlers, the Gradio API, /v1): a request's settings checked once and its seed drawn once.
+
+    Everything below (services, engine, remote client) takes what this returns as given.
+    """
+    return GenerationSettings.from_inputs(values, limits).with_seed()
+
+
 def parse_stop_words(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """Stop words arrive newline-separated from the UI/API; escapes like \\n let users stop on newlines."""
     if text is None:

@@ -1,17 +1,21 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
+from backend.decode.engine import EngineLimits
 from backend.decode.generation import stream_generate
 from backend.errors import BadInput, ContextOverflow, InvalidSettings, ModelNotReady
 from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec
 from backend.prompting import Turn
 from backend.services.chat import ChatService, prompt_budget
-from backend.settings import MAX_SEED, GenerationSettings, ServerLimits
+from backend.settings import MAX_SEED, GenerationSettings, ServerLimits, request_settings
+from tests import streams as stream_helpers
+from tests.streams import no_early_end, wait_until_idle
+
+watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
 
 LIMITS = ServerLimits(max_new_tokens=1024, max_input_chars=20_000, max_num_beams=4)
 QUICK = GenerationSettings(seed=5, max_new_tokens=6, system_prompt="Be brief.")
@@ -61,13 +65,11 @@ def test_too_long_message_names_the_limit(service: ChatService) -> None:
 @pytest.mark.parametrize(
     ("field", "value"), [("top_p", 0.0), ("temperature", -1.0), ("num_beams", 5), ("max_new_tokens", 1025)]
 )
-def test_invalid_settings_raise_before_streaming(service: ChatService, field: str, value) -> None:
+def test_invalid_settings_raise_at_the_edge_before_any_service_runs(field: str, value) -> None:
     bad = settings_like(QUICK, **{field: value})
     with pytest.raises(InvalidSettings) as caught:
-        service.chat("hello", [], bad)  # raised by the call itself, before any iteration
+        request_settings(bad.to_dict(), LIMITS)  # what the UI handlers, the Gradio API and /v1 call first
     assert caught.value.field == field
-    with pytest.raises(InvalidSettings):
-        service.complete("hello", bad)
 
 
 def test_reply_matches_the_engine(service: ChatService, holder: ModelHolder) -> None:
@@ -84,8 +86,12 @@ def test_reply_matches_the_engine(service: ChatService, holder: ModelHolder) -> 
     assert all(r.seed == 5 and r.mode == "sample" and r.notice is None for r in replies)
 
 
-def test_random_seed_is_made_concrete(service: ChatService) -> None:
-    replies = list(service.chat("hello", [], settings_like(QUICK, seed=-1)))
+def test_random_seed_is_made_concrete_once_at_the_edge(service: ChatService) -> None:
+    drawn = request_settings(settings_like(QUICK, seed=-1).to_dict(), LIMITS)
+    assert drawn.seed >= 0  # drawn here, once: the service and the engine take it as it is
+    with pytest.raises(ValueError, match="a concrete seed is needed"):
+        list(service.chat("hello", [], settings_like(QUICK, seed=-1)))  # nothing below the edge draws one
+    replies = list(service.chat("hello", [], drawn))
     seeds = {r.seed for r in replies}
     assert len(seeds) == 1
     seed = seeds.pop()
@@ -163,32 +169,24 @@ def test_prompt_budget() -> None:
         prompt_budget(512, 512)
 
 
-def test_a_stream_closed_before_its_first_reply_cancels_its_request(demo_text_dir, monkeypatch):
+def test_a_stream_closed_before_its_first_reply_cancels_its_request(
+    demo_text_dir, monkeypatch, watch_forwards
+):
     """The engine must not keep decoding for a caller that left before reading anything."""
-    from backend.models.holder import ModelHolder as Holder
-    from backend.models.loading import ModelSpec as Spec
-    from backend.services.chat import ChatService as Service
-    from backend.settings import GenerationSettings as Settings
-    from backend.settings import ServerLimits as Limits
-
-    holder = Holder(Spec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
-    holder.load()
+    holder = ModelHolder(ModelSpec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
+    assert holder.load().state == "ready"
     model = holder.get().model
-    original = model.forward
-
-    def slow(*args, **kwargs):  # 400 tokens now take over 4 s: only a cancel ends them sooner
-        time.sleep(0.01)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow)
-    monkeypatch.setattr(
-        "backend.decode.generation.eos_token_ids", lambda model, tokenizer: set()
-    )  # no early end
-    service = Service(holder, Limits())
-    stream = service.chat("Hello", [], Settings(seed=1, max_new_tokens=400))
-    engine = service.engine(holder.get())
-    stream.close()
-    deadline = time.time() + 1.5
-    while engine.stats() != (0, 0) and time.time() < deadline:
-        time.sleep(0.01)
-    assert engine.stats() == (0, 0)
+    forwards = watch_forwards(model, hold_at=1)  # a decode step that began before the close waits for it
+    no_early_end(monkeypatch)  # 400 tokens: only a cancel ends the reply sooner
+    service = ChatService(holder, ServerLimits(), EngineLimits(idle_seconds=0.05))
+    try:
+        stream = service.chat("Hello", [], GenerationSettings(seed=1, max_new_tokens=400))
+        engine = service.engine(holder.get())
+        stream.close()
+        forwards.go_on.set()
+        wait_until_idle(engine)  # nothing decoding or waiting: no forward pass can follow
+        assert len(forwards.steps()) <= 1  # at most the one under way when the stream closed, not 399
+        assert engine.stats() == (0, 0)
+    finally:
+        forwards.go_on.set()
+        service.release("test over")

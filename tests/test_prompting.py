@@ -6,13 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from backend.errors import ContextOverflow
-from backend.prompting import (
-    VICUNA_SYSTEM,
-    Turn,
-    build_chat_prompt,
-    build_raw_prompt,
-    context_window,
-)
+from backend.models.loading import context_window
+from backend.prompting import VICUNA_SYSTEM, Turn, build_chat_prompt, build_raw_prompt
 
 HISTORY = [Turn("hi", "hello"), Turn("how are you?", "fine, thanks")]
 NO_SYSTEM_ROLE = (

@@ -165,10 +165,14 @@ def test_token_view_covers_the_visible_reply_and_escapes(service):
 
 
 def test_token_view_stops_at_the_stop_word(service):
-    full = list(service.chat("Hello", [], GenerationSettings(mode="greedy", max_new_tokens=30)))[-1].text
+    full = list(service.chat("Hello", [], GenerationSettings(seed=0, mode="greedy", max_new_tokens=30)))[
+        -1
+    ].text
     stop = full[5:8]
     cut = list(
-        service.chat("Hello", [], GenerationSettings(mode="greedy", max_new_tokens=30, stop_words=(stop,)))
+        service.chat(
+            "Hello", [], GenerationSettings(seed=0, mode="greedy", max_new_tokens=30, stop_words=(stop,))
+        )
     )
     page = tokens_html(cut[-1].tokens, cut[-1].text)
     spans = re.findall(r'<span class="tok"[^>]*>(.*?)</span>', page, flags=re.DOTALL)
@@ -208,8 +212,8 @@ def test_stats_count_finished_and_cancelled_requests(demo_text_dir):
     holder = ModelHolder(ModelSpec(str(demo_text_dir), dtype="float32"), fallback_to_demo=False)
     holder.load()
     service = ChatService(holder, LIMITS)
-    list(service.chat("Hello", [], GenerationSettings(max_new_tokens=5)))
-    stream = service.chat("Hello", [], GenerationSettings(max_new_tokens=50))
+    list(service.chat("Hello", [], GenerationSettings(seed=1, max_new_tokens=5)))
+    stream = service.chat("Hello", [], GenerationSettings(seed=2, max_new_tokens=50))
     next(stream)
     stream.close()
     snapshot = service.stats.snapshot()

@@ -27,7 +27,7 @@ from backend.models.loading import ModelSpec
 from backend.models.vision_loading import LoadedVision, UnsupportedModel, detect_family, load_vision_model
 from backend.prompting import Turn
 from backend.replies import Reply
-from backend.settings import GenerationSettings
+from backend.settings import GenerationSettings, ServerLimits, request_settings
 
 FAMILY = {DEMO_BLIP2: "blip-2", DEMO_INSTRUCTBLIP: "instructblip", DEMO_LLAVA: "llava"}
 GREEDY = GenerationSettings(seed=0, mode="greedy", repetition_penalty=1.0, max_new_tokens=8)
@@ -336,9 +336,10 @@ def test_seeded_sampling_is_reproducible(loaded: dict[str, LoadedVision], name: 
     assert (first.seed, other.seed, first.mode) == (7, 8, "sample")
 
 
-def test_random_seed_is_drawn_and_reported(loaded: dict[str, LoadedVision]) -> None:
-    settings = GenerationSettings(seed=-1, max_new_tokens=2)
-    assert reply(caption_stream(loaded[DEMO_BLIP2], gradient(), "", settings)).seed >= 0
+def test_a_seed_drawn_at_the_edge_is_the_one_reported(loaded: dict[str, LoadedVision]) -> None:
+    settings = request_settings({"seed": -1, "max_new_tokens": 2}, ServerLimits())
+    assert settings.seed >= 0
+    assert reply(caption_stream(loaded[DEMO_BLIP2], gradient(), "", settings)).seed == settings.seed
 
 
 @pytest.mark.parametrize("name", [DEMO_BLIP2, DEMO_LLAVA])

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from backend.errors import BadInput, UserError
-from backend.settings import GenerationSettings, ServerLimits
+from backend.settings import GenerationSettings, ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
 from ui.handlers import api_stream, metered
 
@@ -44,9 +44,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
         """Reply to one message (no history). stop_words: one per line. Streams the reply so far."""
         values = settings_values(locals())
         chat_service = metered(service, rate_limit, request)
-        yield from api_stream(
-            lambda: chat_service.chat(message, [], GenerationSettings.from_inputs(values, limits))
-        )
+        yield from api_stream(lambda: chat_service.chat(message, [], request_settings(values, limits)))
 
     @on_gpu
     def complete(
@@ -66,9 +64,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
         """Continue `text` as is (no chat template). Streams the continuation only."""
         values = settings_values(locals())
         chat_service = metered(service, rate_limit, request)
-        yield from api_stream(
-            lambda: chat_service.complete(text, GenerationSettings.from_inputs(values, limits))
-        )
+        yield from api_stream(lambda: chat_service.complete(text, request_settings(values, limits)))
 
     @on_gpu
     def next_tokens(
@@ -114,7 +110,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
         def replies():
             if vision is None:
                 raise BadInput("Images are turned off on this server (started with --vision-model none).")
-            settings = GenerationSettings.from_inputs(values, limits)
+            settings = request_settings(values, limits)
             return metered(vision, rate_limit, request).caption(path, prompt, settings)
 
         yield from api_stream(replies)

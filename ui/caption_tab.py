@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from backend.errors import BadInput
-from backend.settings import GenerationSettings, ServerLimits
+from backend.settings import ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
 from ui.handlers import BEAM_NOTE, failure_message, metered, report
 
@@ -68,7 +68,7 @@ def caption_image(
             raise BadInput("Images are turned off on this server (started with --vision-model none).")
         if not image:
             raise BadInput("No image: upload, paste or take one first.")
-        settings = GenerationSettings.from_inputs(values, limits)
+        settings = request_settings(values, limits)
         replies = vision.caption(image, prompt or "", settings)
     except Exception as error:
         report(error)

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from backend.errors import UserError
-from backend.settings import GenerationSettings, ServerLimits
+from backend.settings import ServerLimits, request_settings
 from ui.messages import history_to_turns, is_note, note, text_of
 from ui.token_view import tokens_html
 
@@ -44,7 +44,7 @@ def chat_turn(
     """Yield (textbox value, chat history, token view) as the reply streams in."""
     history = list(history or [])
     try:
-        settings = GenerationSettings.from_inputs(values, limits)
+        settings = request_settings(values, limits)
         replies = service.chat(message, history_to_turns(history), settings)
     except Exception as error:  # nothing started: keep the typed message so it can be fixed and resent
         yield refusal(message, history, error)
@@ -120,7 +120,7 @@ def complete_text(
 ) -> Iterator[tuple[str, str]]:
     """Notebook style: the continuation is written into the same box. Yields (text, stats)."""
     try:
-        settings = GenerationSettings.from_inputs(values, limits)
+        settings = request_settings(values, limits)
         replies = service.complete(text, settings)
     except Exception as error:
         report(error)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from backend.errors import UserError
-from backend.settings import GenerationSettings, ServerLimits
+from backend.settings import GenerationSettings, ServerLimits, request_settings
 from ui.handlers import failure_message, report
 from ui.inspector_view import distribution_html
 from ui.messages import history_to_turns
@@ -57,7 +57,7 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
     control_inputs = set(controls.values())
 
     def settings_of(data) -> GenerationSettings:
-        return GenerationSettings.from_inputs({k: data[c] for k, c in controls.items()}, limits)
+        return request_settings({k: data[c] for k, c in controls.items()}, limits)
 
     def render(data, quiet: bool = False) -> str:
         if not data[text]:

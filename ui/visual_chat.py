@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from backend.errors import BadInput
-from backend.settings import GenerationSettings, ServerLimits
+from backend.settings import ServerLimits, request_settings
 from ui.handlers import refusal, shown, stream_reply
 from ui.messages import caption_note, history_to_turns, latest_image
 
@@ -45,7 +45,7 @@ def visual_turn(
     try:
         if vision is None:
             raise BadInput("Images are turned off on this server (started with --vision-model none).")
-        settings = GenerationSettings.from_inputs(values, limits)
+        settings = request_settings(values, limits)
         image = new_images[-1] if new_images else latest_image(history)
         result = vision.visual_chat(message, image, history_to_turns(history), settings, pipeline)
     except Exception as error:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend.errors import InvalidSettings
 from backend.prompting import Turn
-from backend.settings import MAX_SEED, GenerationSettings, ServerLimits
+from backend.settings import MAX_SEED, GenerationSettings, ServerLimits, request_settings
 
 MAX_CHOICES = 8  # n × prompts per request: each choice is a full generation
 CHAT_MAX_TOKENS = GenerationSettings().max_new_tokens  # OpenAI: "the model's limit"; ours is finite
@@ -210,7 +210,7 @@ def plan_choices(
         "system_prompt": system_prompt,
     }
     try:
-        base = GenerationSettings.from_inputs(values, limits).with_seed()
+        base = request_settings(values, limits)
     except InvalidSettings as error:
         name = beam_param if error.field == "num_beams" else PARAM_NAMES.get(error.field, error.field)
         raise ApiError(400, str(error).replace(f"'{error.field}'", f"'{name}'"), name) from None

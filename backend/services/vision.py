@@ -48,8 +48,7 @@ class VisionService:
         return self.holder.get().family
 
     def caption(self, image_source, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
-        """Caption the image, or answer `prompt` about it. Bad images and settings raise here."""
-        settings = settings.validated(self.limits)
+        """Caption the image, or answer `prompt` about it. Bad images raise here."""
         if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
             raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
         image = load_image(image_source, self.image_limits)
@@ -88,7 +87,6 @@ class VisionService:
     ) -> VisualReply:
         """Answer `message` about the image (the newest one in the conversation)."""
         chosen = self.choose_pipeline(pipeline)
-        settings = settings.validated(self.limits)
         self.limits.check_text("Message", message)
         image = load_image(image_source, self.image_limits)
         if chosen == "vision":
