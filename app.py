@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.config import AppConfig, parse_config
+from backend.decode.batch_cache import deterministic_kernels
 from backend.decode.engine import EngineLimits
 from backend.images import ImageLimits
 from backend.models.demo_vision import DEMO_LLAVA
@@ -120,7 +121,9 @@ def local_services(config: AppConfig, load_in_background: bool):
         threading.Thread(target=load_all, args=(roles,), name="model-loader", daemon=True).start()
     else:  # still on a thread that ends: see backend.torch_threads
         call_on_fresh_thread(load_all, roles, name="model-loader")
-    engine_limits = EngineLimits(config.max_batch_size, config.max_waiting)
+    engine_limits = EngineLimits(
+        config.max_batch_size, config.max_waiting, batch_invariant=config.batch_invariant
+    )
     chat = ChatService(text, config.limits, engine_limits)
     images = (
         VisionService(vision, chat, config.limits, image_limits(config), engine_limits) if vision else None
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU warns on every call
     config = parse_config(argv, has_gpu=torch.cuda.is_available())
+    if config.batch_invariant:
+        deterministic_kernels()
     if config.plan:  # where the models would go, planned from their configs alone: no weights are loaded
         specs = {"text": model_spec(config, config.model, config.quantization)}
         if config.vision_model:

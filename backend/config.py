@@ -50,6 +50,7 @@ class AppConfig:
     adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters on the chat model, chosen per request
     model_choices: tuple[str, ...] = ()  # chat models the System tab may switch to (the launched one first)
     vision_model_choices: tuple[str, ...] = ()  # the same for the vision model
+    batch_invariant: bool = True  # a seed gives the same text alone or batched (decode steps padded)
 
 
 def default_model(has_gpu: bool) -> tuple[str, str]:
@@ -144,6 +145,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
         default=int(opt("MAX_BATCH_SIZE", "8")),
         help="Replies decoded together in one batch by the engine (KV-cache room is planned for it).",
+    )
+    add(
+        "--no-batch-invariance",
+        action="store_true",
+        default=switch("NO_BATCH_INVARIANCE"),
+        help="Decode only the rows in use instead of padding every step to --max-batch-size: faster for one "
+        "user, but a seed may then give other text when others are served at once (see docs/serving.md).",
     )
     add(
         "--max-waiting",
@@ -296,4 +304,5 @@ def parse_config(
         adapters=adapters,
         model_choices=choices_with(model, args.model_choices),
         vision_model_choices=choices_with(None if vision == NO_VISION else vision, args.vision_model_choices),
+        batch_invariant=not args.no_batch_invariance,
     )

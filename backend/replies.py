@@ -20,6 +20,7 @@ class Reply:
     tokens: tuple = ()  # backend.decode.generation.TokenChoice per generated token, on the final reply only
     queue_position: int | None = None  # while waiting: 1 = next to start
     prompt_tokens: int | None = None  # the prompt's size as the model read it, for API usage counts
+    seed_holds: bool | None = None  # the same seed gives this text alone or in any batch; None: not known
 
     @property
     def tokens_per_second(self) -> float:
@@ -36,6 +37,8 @@ class Reply:
             parts.insert(2, f"first token {self.first_token_seconds * 1000:.0f} ms")
         if self.finish_reason:
             parts.append(FINISH_REASONS.get(self.finish_reason, self.finish_reason))
+        if self.seed_holds is False:
+            parts.append("this seed may give other text when others are served at once")
         return " · ".join(parts)
 
 
@@ -52,6 +55,7 @@ def replies_from_updates(
     notice: str | None = None,
     prompt_tokens: int | None = None,
     strip_leading_space: bool = True,
+    seed_holds: bool | None = None,
 ) -> Iterator[Reply]:
     """Replies from backend.decode.generation.GenerationUpdate objects of one request with `settings`."""
     tokens = []
@@ -73,6 +77,7 @@ def replies_from_updates(
             first_token_seconds=update.first_token_seconds,
             tokens=tuple(tokens) if update.finished else (),
             prompt_tokens=prompt_tokens,
+            seed_holds=seed_holds,
         )
 
 

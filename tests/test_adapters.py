@@ -21,7 +21,7 @@ from backend.models.loading import ModelSpec
 from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
 from tests import streams as stream_helpers
-from tests.streams import HANG, last_items_together, plugged
+from tests.streams import HANG, last_items_together, no_early_end, plugged
 from ui.controls import build_controls
 
 watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
@@ -200,3 +200,29 @@ def test_the_adapter_control_lists_the_allowlist_and_hides_without_one():
         chosen = build_controls(LIMITS, adapters=("", "alpha", "beta"))["adapter"]
     assert not plain.visible and chosen.visible
     assert [value for _, value in chosen.choices] == ["", "alpha", "beta"]
+
+
+def test_a_request_gets_the_same_bits_beside_rows_with_adapters_as_alone(service, monkeypatch):
+    """Seeds hold beside LoRA rows: the base rows' and an adapter row's numbers are those they get alone."""
+    from tests.test_batch_invariance import Recorder
+
+    no_early_end(monkeypatch)
+    recorder = Recorder(monkeypatch)
+    sampled = dict(
+        mode="sample", temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8
+    )
+    jobs = [(PROMPTS[i % 3], name, 1000 + i) for i, name in enumerate(["", "alpha", "beta", "", "alpha"])]
+    for text, name, seed in jobs:
+        list(service.complete(text, settings_with(adapter=name, seed=seed, **sampled)))
+    reference = {seed - 1000: recorder.of(seed - 1000) for _, _, seed in jobs}
+    recorder.first_logits.clear()
+    loaded = service.holder.get()
+    with plugged(service.engine(loaded), loaded.tokenizer("plug")["input_ids"]):  # all start together
+        streams = [
+            service.complete(text, settings_with(adapter=name, seed=seed, **sampled))
+            for text, name, seed in jobs
+        ]
+    last_items_together(streams)
+    for index, (logits, tokens) in reference.items():
+        batched_logits, batched_tokens = recorder.of(index)
+        assert batched_tokens == tokens and torch.equal(batched_logits, logits), jobs[index]

@@ -229,3 +229,44 @@ def test_the_kv_budget_admits_in_order_and_never_holds_more_than_it_has(
     assert max(peaks) > need  # and more than one request at a time
     assert engine.kv_usage()[0] == 0  # every reservation given back
     assert_same(recorder, reference)
+
+
+def test_without_invariance_steps_shrink_to_the_rows_in_use_and_replies_say_seeds_may_move(
+    wide_model, demo_tokenizer, monkeypatch
+):
+    """--no-batch-invariance: one user's steps are one row, and the reply's numbers no longer promise."""
+    from backend.config import parse_config
+
+    assert parse_config([], has_gpu=False, env={}).batch_invariant
+    assert not parse_config(["--no-batch-invariance"], has_gpu=False, env={}).batch_invariant
+    rows = []
+    hook = wide_model.lm_head.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    engine = Engine(wide_model, demo_tokenizer, EngineLimits(max_batch_size=ROWS, batch_invariant=False))
+    try:
+        drain([engine.submit(prompt(0), settings(0, "greedy"))])
+    finally:
+        hook.remove()
+        engine.close()
+    assert set(rows) == {1} and not engine.seed_holds
+
+
+def test_llm_int8_outlier_layers_are_named_as_what_breaks_the_promise(wide_model):
+    from backend.decode.engine import has_batch_outliers
+
+    class Linear8bitLt(torch.nn.Module):  # what bitsandbytes' LLM.int8 layer is called, with its threshold
+        def __init__(self, threshold):
+            super().__init__()
+            self.state = type("State", (), {"threshold": threshold})()
+
+    assert not has_batch_outliers(wide_model)
+    assert has_batch_outliers(torch.nn.Sequential(wide_model.lm_head, Linear8bitLt(6.0)))
+    assert not has_batch_outliers(torch.nn.Sequential(Linear8bitLt(0.0)))  # no outliers: rows stay apart
+
+
+def test_a_reply_that_cannot_promise_its_seed_says_so():
+    from backend.replies import Reply
+
+    kept = Reply("hi", True, 2, 0.1, 7, "sample", seed_holds=True)
+    loose = Reply("hi", True, 2, 0.1, 7, "sample", seed_holds=False)
+    assert "other text" not in kept.stats_line()
+    assert "may give other text when others are served at once" in loose.stats_line()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from backend.errors import BadImage, BadInput
 from backend.images import ImageLimits
@@ -15,7 +16,7 @@ from backend.services.chat import ChatService
 from backend.services.vision import VisionService
 from backend.settings import GenerationSettings, ServerLimits
 from tests import streams as stream_helpers
-from tests.streams import HANG, last_items_together
+from tests.streams import HANG, last_items_together, no_early_end
 from ui.messages import history_to_turns, image_paths, is_caption_note
 from ui.visual_chat import needs_vision_model, visual_turn
 
@@ -159,3 +160,40 @@ def test_overlapping_image_requests_share_the_engine_and_get_what_they_get_alone
         assert (result.text, result.new_tokens) == (alone.text, alone.new_tokens), (name, prompt)
     one_at_a_time = forwards.calls(threading.current_thread().name)
     assert together < one_at_a_time  # fewer forward passes than one at a time
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2"])
+def test_an_image_request_gets_the_same_bits_in_the_vision_batch_as_alone(
+    request, name, image_zoo, monkeypatch
+):
+    """Seeds hold for images too: each caption's first-step logits and tokens, alone and three at once."""
+    from tests.test_batch_invariance import Recorder
+
+    service = request.getfixturevalue(name)
+    no_early_end(monkeypatch)
+    recorder = Recorder(monkeypatch)
+    images = [str(path) for path in list(image_zoo["good"].values())[:3]]
+    sampled = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8)
+    jobs = [(image, "", GenerationSettings(seed=1000 + i, **sampled)) for i, image in enumerate(images)]
+    for image, prompt, settings in jobs:
+        list(service.caption(image, prompt, settings))  # alone, through the same engine
+    reference = {index: recorder.of(index) for index in range(len(jobs))}
+    recorder.first_logits.clear()
+    forwards = watch_forwards_for(service, monkeypatch)
+    streams = [service.caption(image, prompt, settings) for image, prompt, settings in jobs]
+    forwards.go_on.set()
+    last_items_together(streams)
+    assert max(forwards.steps()) > 1  # they did decode together
+    for index, (logits, tokens) in reference.items():
+        batched_logits, batched_tokens = recorder.of(index)
+        assert batched_tokens == tokens and torch.equal(batched_logits, logits), (name, index)
+
+
+def watch_forwards_for(service, monkeypatch):
+    """Hold the vision engine's first decode step until every request is queued (see tests.streams)."""
+    from backend.decode.vision_replies import engine_model
+
+    decoder = engine_model(service.holder.get())
+    forwards = stream_helpers.Forwards(decoder, hold_at=1, stats=lambda: service._engines._engine.stats())
+    monkeypatch.setattr(decoder, "forward", forwards)
+    return forwards

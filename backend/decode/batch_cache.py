@@ -13,6 +13,8 @@ search, the Inspector, an image's prefill) fall through to transformers' own SDP
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
@@ -143,6 +145,16 @@ def _attend(query, keys, values, scaling, sliding_window, softcap) -> torch.Tens
         is_causal=q > 1 and mask is None,
         enable_gqa=groups > 1,
     )
+
+
+def deterministic_kernels() -> None:
+    """On CUDA, what batch invariance needs beyond fixed shapes: no TF32 or reduced-precision sums, one
+    cuBLAS workspace (no split-K by free memory). Call before CUDA starts; a no-op effect on CPUs."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
 def use_row_attention(model) -> None:

@@ -72,6 +72,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.limits = limits or EngineLimits()
         use_row_attention(model)
+        # Whether a seed gives the same text alone and in a batch: by construction (see above), unless
+        # LLM.int8 picks outlier columns across the whole batch.
+        self.seed_holds = self.limits.batch_invariant and not has_batch_outliers(model)
         self._lock = threading.Condition()
         self._waiting: deque[_Pending] = deque()
         self._rows: list[_Row] = []
@@ -311,7 +314,8 @@ class Engine:
     @torch.inference_mode()
     def _decode_step(self) -> None:
         """One token for every row, in a batch of exactly max_batch_size rows (see the module docstring)."""
-        width = max(self.limits.max_batch_size, len(self._rows))
+        rows = len(self._rows)
+        width = max(self.limits.max_batch_size, rows) if self.limits.batch_invariant else rows
         ids = torch.full((width, 1), self._pad, dtype=torch.long)
         positions = torch.zeros((width, 1), dtype=torch.long)
         for index, row in enumerate(self._rows):
@@ -346,6 +350,15 @@ class Engine:
         for row in list(rows):
             self._rows.remove(row)
             self._kv_reserved -= row.reserved
+
+
+def has_batch_outliers(model) -> bool:
+    """LLM.int8 layers (bitsandbytes) with an outlier threshold: they pick outlier columns batch-wide."""
+    return any(
+        type(module).__name__ == "Linear8bitLt"
+        and getattr(getattr(module, "state", None), "threshold", 0) > 0
+        for module in model.modules()
+    )
 
 
 class _Withdrawn(Exception):

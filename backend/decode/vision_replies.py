@@ -131,13 +131,14 @@ def _replies(
     engine: Engine | None,
     notice: str | None,
 ) -> Iterator[Reply]:
+    seed_holds = True  # alone, a request's shapes are its own; in the engine, as the engine says
     if settings.mode == "beam":
         updates, end = _beam_updates(loaded, inputs, settings), None
     else:
         plan = image_prefill(loaded, inputs)
         if engine is not None:  # submitted now: a full queue refuses before anything is shown
             handle = engine.submit(plan.prompt_ids, settings, prefill=plan.prefill)
-            updates, end = iter(handle), handle.cancel
+            updates, end, seed_holds = iter(handle), handle.cancel, engine.seed_holds
         else:  # a generator: nothing runs before the caller asks for the first update
             updates = stream_generate(
                 loaded.model,
@@ -148,7 +149,7 @@ def _replies(
                 decode_model=plan.decode_model,
             )
             end = None
-    replies = replies_from_updates(updates, settings, notice, prompt_size(inputs))
+    replies = replies_from_updates(updates, settings, notice, prompt_size(inputs), seed_holds=seed_holds)
     return ReplyStream(replies, end) if end is not None else replies
 
 

@@ -98,7 +98,9 @@ class ChatService:
         handle = submit(prompt.ids, settings)  # queued now: a full queue refuses before anything is shown
         return ReplyStream(
             self.stats.counted(
-                replies_from_updates(iter(handle), settings, notice, len(prompt.ids), strip_leading_space)
+                replies_from_updates(
+                    iter(handle), settings, notice, len(prompt.ids), strip_leading_space, engine.seed_holds
+                )
             ),
             handle.cancel,
         )
