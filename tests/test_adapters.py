@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 import torch
 
-import backend.decode.engine as engine_module
+import backend.decode.beam_jobs as beam_jobs_module
 from backend.config import parse_config
 from backend.decode.engine import EngineLimits
 from backend.decode.generation import generate_beam, stream_generate
@@ -156,14 +156,14 @@ def test_a_beam_search_beside_the_batch_keeps_its_own_adapter(service, monkeypat
     loaded = service.holder.get()
     forwards = watch_forwards(loaded.model, hold_at=1)  # the batch's first decode step
     beam_entered, beam_go_on = threading.Event(), threading.Event()
-    real_beam = engine_module.generate_beam
+    real_beam = beam_jobs_module.generate_beam
 
     def held_beam(*args, **kwargs):  # called inside the engine's rows_using([adapter]) on the beam's thread
         beam_entered.set()
         assert beam_go_on.wait(HANG), "the test never let the beam search go on"
         return real_beam(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "generate_beam", held_beam)
+    monkeypatch.setattr(beam_jobs_module, "generate_beam", held_beam)
     batch = service.complete(PROMPTS[1], settings_with(max_new_tokens=30))
     forwards.wait_held()
     beam_settings = settings_with(mode="beam", num_beams=3, max_new_tokens=8)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import backend.decode.engine as engine_module
+import backend.decode.beam_jobs as beam_jobs_module
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.generation import generate_beam, stream_generate
 from backend.errors import ServerBusy
@@ -198,7 +198,7 @@ def test_beam_runs_beside_the_batch(engine, demo_model, demo_tokenizer, monkeypa
         finally:
             returned.set()
 
-    monkeypatch.setattr(engine_module, "generate_beam", slow_beam)
+    monkeypatch.setattr(beam_jobs_module, "generate_beam", slow_beam)
     beam_settings = GenerationSettings(mode="beam", num_beams=3, max_new_tokens=8)
     beam = engine.submit_beam(ids(demo_tokenizer, "Hello"), beam_settings)
     assert started.wait(HANG)
@@ -259,7 +259,7 @@ def test_each_beam_search_runs_on_a_thread_that_ends(engine, demo_tokenizer, mon
         ran_on.append(threading.current_thread())
         return generate_beam(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "generate_beam", recording_beam)
+    monkeypatch.setattr(beam_jobs_module, "generate_beam", recording_beam)
     settings = GenerationSettings(mode="beam", num_beams=2, max_new_tokens=4)
     for _ in range(2):
         final(engine.submit_beam(ids(demo_tokenizer, "Hello"), settings))
@@ -401,7 +401,7 @@ def test_a_cancelled_waiting_beam_search_gives_its_place_back(demo_model, demo_t
         assert release.wait(HANG), "the test never released the beam search"
         return generate_beam(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "generate_beam", slow_beam)
+    monkeypatch.setattr(beam_jobs_module, "generate_beam", slow_beam)
     settings = GenerationSettings(mode="beam", num_beams=2, max_new_tokens=4)
     try:
         running = engine.submit_beam(ids(demo_tokenizer, "Hello"), settings)

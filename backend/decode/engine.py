@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from backend.decode.batch_cache import BatchCache, RowKV, use_row_attention
-from backend.decode.generation import RequestState, generate_beam
+from backend.decode.beam_jobs import BeamJobs
+from backend.decode.generation import RequestState
 from backend.decode.requests import DONE, EngineLimits, RequestHandle
 
 __all__ = ["Engine", "EngineLimits", "RequestHandle"]
-from backend.errors import ContextOverflow, ModelNotReady, ServerBusy
+from backend.errors import ContextOverflow, ModelNotReady, ServerBusy, UserError
 from backend.models.adapters import rows_using
 from backend.models.loading import input_device
 from backend.settings import GenerationSettings
@@ -82,11 +83,9 @@ class Engine:
         self._kv_reserved = 0  # KV tokens held by running requests
         self._device = input_device(model)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._beam_turns = threading.Semaphore(self.limits.beam_workers)  # beam searches running at once
-        self._beam_slots = threading.BoundedSemaphore(self.limits.beam_workers + self.limits.max_queue)
+        self._beams = BeamJobs(model, tokenizer, self.limits, self)
         self._stopping = False
         self._closed_reason = SHUTTING_DOWN
-        self._beam_jobs = 0  # queued or running
         self._thread: threading.Thread | None = None  # started by the first request, ends when idle
         atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
 
@@ -125,46 +124,8 @@ class Engine:
         return pending.handle
 
     def submit_beam(self, prompt_ids: list[int], settings: GenerationSettings) -> RequestHandle:
-        """Beam search runs as its own job beside the batch (generate() cannot join our batch)."""
-        if self._stopping:
-            raise ModelNotReady(self._closed_reason)
-        if not self._beam_slots.acquire(blocking=False):
-            raise ServerBusy("Too many beam searches are waiting. Try again in a moment.")
-        handle = RequestHandle(self)
-        with self._lock:
-            self._beam_jobs += 1
-        # A thread per job, not a pool: a lasting thread would keep an OpenMP team (backend.torch_threads).
-        job = threading.Thread(
-            target=self._beam_job, args=(handle, prompt_ids, settings), name="beam", daemon=True
-        )
-        job.start()
-        return handle
-
-    def _beam_job(self, handle: RequestHandle, prompt_ids: list[int], settings: GenerationSettings) -> None:
-        turn = False
-        try:
-            # Waiting for a turn, a cancelled search gives its queue place back at once.
-            while not handle.cancelled.is_set() and not self._stopping:
-                turn = self._beam_turns.acquire(timeout=self.limits.poll_seconds)
-                if turn:
-                    break
-            if handle.cancelled.is_set():
-                handle.put(DONE)
-            elif self._stopping:
-                handle.put(ModelNotReady(self._closed_reason))
-            else:
-                handle.started.set()
-                with rows_using([settings.adapter]):
-                    handle.put(generate_beam(self.model, self.tokenizer, prompt_ids, settings))
-        except Exception as error:
-            log.exception("Beam search failed")
-            handle.put(error)
-        finally:
-            if turn:
-                self._beam_turns.release()
-            self._beam_slots.release()
-            with self._lock:
-                self._beam_jobs -= 1
+        """Beam search runs as its own job beside the batch (backend.decode.beam_jobs)."""
+        return self._beams.submit(prompt_ids, settings)
 
     def stats(self) -> tuple[int, int]:
         """(requests decoding, requests waiting)."""
@@ -178,13 +139,14 @@ class Engine:
     def pending(self) -> int:
         """Requests not yet finished by the model: decoding, waiting, and beam searches."""
         with self._lock:
-            return len(self._rows) + self._admitting + len(self._waiting) + self._beam_jobs
+            return len(self._rows) + self._admitting + len(self._waiting) + self._beams.count()
 
     def close(self, reason: str = SHUTTING_DOWN) -> None:
         """Stop; requests still running or waiting fail with ModelNotReady(reason), as do later ones."""
         with self._lock:
             if not self._stopping:
                 self._stopping, self._closed_reason = True, reason
+                self._beams.close(reason)
             thread = self._thread
             self._lock.notify()
         if thread is not None and threading.current_thread() is not thread:
@@ -248,19 +210,22 @@ class Engine:
                 admitted = self._next_admissions()
                 self._admitting = len(admitted)  # counted as running while their prefill runs
             try:
-                for pending in admitted:
-                    self._admit(pending)
+                while admitted:
+                    self._admit(admitted.pop(0))  # from here on the row (or its error) is the request's
                     self._admitting -= 1
                 self._drop_finished()
                 if self._rows:
                     self._decode_step()
                     self._drop_finished()
-            except Exception as error:  # a failed step fails its batch, never the engine
+            except Exception as error:  # a failed step fails its batch and its newcomers, never the engine
                 self._admitting = 0
                 log.exception("Decode step failed")
                 for row in self._rows:
                     row.handle.put(error)
                 self._release(self._rows)
+                for pending in admitted:  # popped from the queue, their room reserved, never prefilled
+                    self._kv_reserved -= pending.kv_need
+                    pending.handle.put(error)
         with self._lock:
             left = [row.handle for row in self._rows] + [pending.handle for pending in self._waiting]
             self._release(self._rows)
@@ -303,7 +268,9 @@ class Engine:
             return
         except Exception as error:  # e.g. a prompt the model cannot take: only this newcomer fails
             self._kv_reserved -= reserved
-            if not isinstance(error, ValueError):
+            if isinstance(error, UserError):  # expected: one line, not a traceback
+                log.warning("Refused at its prefill (%s): %s", type(error).__name__, error)
+            else:
                 log.exception("Prefill failed")
             pending.handle.put(error)
             return
