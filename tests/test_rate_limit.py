@@ -13,7 +13,7 @@ from backend.config import parse_config
 from backend.errors import RateLimited
 from backend.services.rate_limit import ClientRateLimit, SlidingWindowLimiter, client_key, rate_limit_for
 from tests.test_openai_api import serving
-from ui.handlers import Metered, metered
+from ui.handlers import MeteredChat, metered_chat, metered_vision
 
 
 class FakeClock:
@@ -120,15 +120,22 @@ def test_flags_and_environment():
 
 def test_metered_services_count_generation_calls_only():
     calls = []
-    service = SimpleNamespace(chat=lambda *args: "reply", holder="the holder", step_text=lambda text: text)
-    wrapped = metered(service, SimpleNamespace(admit=calls.append), request_from("1.1.1.1"))
-    assert isinstance(wrapped, Metered)
-    assert (wrapped.holder, wrapped.step_text("x")) == ("the holder", "x")
+    service = SimpleNamespace(
+        chat=lambda *args: "reply", holder="the holder", limits=None, stats=None, step_text=lambda *a: a[0]
+    )
+    wrapped = metered_chat(service, SimpleNamespace(admit=calls.append), request_from("1.1.1.1"))
+    assert isinstance(wrapped, MeteredChat)
+    assert (wrapped.holder, wrapped.step_text("x", None)) == ("the holder", "x")
     assert calls == []
     assert wrapped.chat("hello", [], None) == "reply"
     assert len(calls) == 1
-    assert metered(service, None, request_from("1.1.1.1")) is service  # no limit: the service itself
-    assert metered(None, SimpleNamespace(admit=calls.append), None) is None  # images off stay off
+    assert metered_chat(service, None, request_from("1.1.1.1")) is service  # no limit: the service itself
+    assert metered_vision(None, SimpleNamespace(admit=calls.append), None) is None  # images off stay off
+    vision = SimpleNamespace(caption=lambda *args: "a cat", holder="h", image_limits=None)
+    assert (
+        metered_vision(vision, SimpleNamespace(admit=calls.append), None).caption("img", "", None) == "a cat"
+    )
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------- a live server, limit 2

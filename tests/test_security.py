@@ -17,7 +17,7 @@ from backend.config import parse_config
 from backend.models.loading import ModelSpec, load_text_model
 from backend.models.vision_loading import load_vision_model
 from backend.replies import Reply
-from backend.services.prompt_log import PromptLog
+from backend.services.prompt_log import LoggedChat
 from tests.test_openai_api import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_app_turns_gradio_analytics_off_unless_the_environment_says_otherwise():
 
 
 class StubService:
-    holder = "the holder"
+    holder, limits, stats = "the holder", "the limits", "the stats"
 
     def chat(self, message, history, settings):
         yield Reply("", False, 0, 0.0, 1, "greedy", queue_position=1)
@@ -141,8 +141,8 @@ class StubService:
 
 def test_log_prompts_logs_each_prompt_and_its_reply_once(caplog):
     caplog.set_level(logging.INFO, logger="playground.prompts")
-    service = PromptLog.around(StubService())
-    assert service.holder == "the holder" and PromptLog.around(None) is None
+    service = LoggedChat(StubService())
+    assert service.holder == "the holder"
     replies = list(service.chat("What is up?", [], None))
     assert replies[-1].text == "Hello there"
     messages = [record.getMessage() for record in caplog.records if record.name == "playground.prompts"]

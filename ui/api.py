@@ -9,7 +9,7 @@ import gradio as gr
 from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
-from ui.handlers import api_stream, metered
+from ui.handlers import api_stream, metered_chat, metered_vision
 
 D = GenerationSettings()
 
@@ -43,7 +43,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
     ) -> Iterator[str]:
         """Reply to one message (no history). stop_words: one per line. Streams the reply so far."""
         values = settings_values(locals())
-        chat_service = metered(service, rate_limit, request)
+        chat_service = metered_chat(service, rate_limit, request)
         yield from api_stream(lambda: chat_service.chat(message, [], request_settings(values, limits)))
 
     @on_gpu
@@ -63,7 +63,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
     ) -> Iterator[str]:
         """Continue `text` as is (no chat template). Streams the continuation only."""
         values = settings_values(locals())
-        chat_service = metered(service, rate_limit, request)
+        chat_service = metered_chat(service, rate_limit, request)
         yield from api_stream(lambda: chat_service.complete(text, request_settings(values, limits)))
 
     @on_gpu
@@ -82,7 +82,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
             checked = GenerationSettings.from_inputs(
                 {**settings, "repetition_penalty": repetition_penalty}, limits
             )
-            return metered(service, rate_limit, request).next_tokens(text, checked, int(n)).to_dict()
+            return metered_chat(service, rate_limit, request).next_tokens(text, checked, int(n)).to_dict()
         except UserError as error:
             raise gr.Error(str(error)) from None
 
@@ -111,7 +111,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
             if vision is None:
                 raise BadInput("Images are turned off on this server (started with --vision-model none).")
             settings = request_settings(values, limits)
-            return metered(vision, rate_limit, request).caption(path, prompt, settings)
+            return metered_vision(vision, rate_limit, request).caption(path, prompt, settings)
 
         yield from api_stream(replies)
 

@@ -12,7 +12,7 @@ import gradio as gr
 from backend.errors import BadInput
 from backend.settings import ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
-from ui.handlers import BEAM_NOTE, failure_message, metered, report
+from ui.handlers import BEAM_NOTE, failure_message, metered_vision, report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLE_ROWS = [
@@ -93,7 +93,7 @@ def wire_caption(
     @on_gpu
     def on_caption(data, request: gr.Request = None):
         values = {name: data[component] for name, component in controls.items()}
-        captioning = metered(vision, rate_limit, request)
+        captioning = metered_vision(vision, rate_limit, request)
         yield from caption_image(captioning, limits, data[tab.image], data[tab.prompt], values)
 
     inputs = {tab.image, tab.prompt} | set(controls.values())

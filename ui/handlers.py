@@ -12,6 +12,7 @@ from typing import Any
 
 import gradio as gr
 
+from backend.contracts import ChatBackend, VisionBackend
 from backend.errors import UserError
 from backend.settings import ServerLimits, request_settings
 from ui.messages import history_to_turns, is_note, note, text_of
@@ -144,8 +145,8 @@ def complete_text(
 
 def report(error: Exception) -> None:
     """Users see a toast; unexpected failures also go to the server log with their traceback."""
-    if isinstance(error, UserError):
-        log.info("Refused a request: %s", error)
+    if isinstance(error, UserError):  # expected: one line, no traceback to bury real failures under
+        log.warning("Refused a request (%s): %s", type(error).__name__, error)
     else:
         log.exception("Request failed", exc_info=error)
     gr.Warning(failure_message(error))
@@ -162,34 +163,77 @@ def api_stream(replies_factory) -> Iterator[str]:
             text = reply.text
             yield text
     except UserError as error:
+        log.warning("Refused an API request (%s): %s", type(error).__name__, error)
         raise gr.Error(str(error)) from None
     except Exception as error:
         log.exception("API request failed")
         raise gr.Error(failure_message(error)) from None
 
 
-class Metered:
-    """`service` whose generating calls first pass `admit` (which raises RateLimited beyond --rate-limit)."""
+class MeteredChat:
+    """A ChatBackend whose generating calls first pass `admit` (it raises RateLimited past --rate-limit)."""
 
-    CALLS = frozenset({"chat", "complete", "caption", "visual_chat", "next_tokens"})
-
-    def __init__(self, service, admit: Callable[[], None]):
+    def __init__(self, service: ChatBackend, admit: Callable[[], None]):
         self._service, self._admit = service, admit
+        self.holder, self.limits, self.stats = service.holder, service.limits, service.stats
 
-    def __getattr__(self, name: str):
-        value = getattr(self._service, name)
-        if name not in self.CALLS:
-            return value
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self._service.adapters
 
-        def admitted(*args, **kwargs):
-            self._admit()
-            return value(*args, **kwargs)
+    def queue_stats(self) -> tuple[int, int]:
+        return self._service.queue_stats()
 
-        return admitted
+    def kv_usage(self):
+        return self._service.kv_usage()
+
+    def chat(self, message, history, settings):
+        self._admit()
+        return self._service.chat(message, history, settings)
+
+    def complete(self, text, settings):
+        self._admit()
+        return self._service.complete(text, settings)
+
+    def next_tokens(self, text, settings, n):
+        self._admit()
+        return self._service.next_tokens(text, settings, n)
+
+    def step_text(self, text, settings):
+        return self._service.step_text(text, settings)
+
+    def chat_context(self, history, system_prompt):
+        return self._service.chat_context(history, system_prompt)
 
 
-def metered(service, rate_limit, request: gr.Request | None):
+class MeteredVision:
+    """A VisionBackend whose captions and image chats first pass `admit`."""
+
+    def __init__(self, service: VisionBackend, admit: Callable[[], None]):
+        self._service, self._admit = service, admit
+        self.holder, self.image_limits = service.holder, service.image_limits
+
+    def choose_pipeline(self, requested):
+        return self._service.choose_pipeline(requested)
+
+    def caption(self, image_source, prompt, settings):
+        self._admit()
+        return self._service.caption(image_source, prompt, settings)
+
+    def visual_chat(self, message, image_source, history, settings, pipeline="auto"):
+        self._admit()
+        return self._service.visual_chat(message, image_source, history, settings, pipeline)
+
+
+def metered_chat(service: ChatBackend, rate_limit, request: gr.Request | None) -> ChatBackend:
     """`service` as this request may use it: counted against its client's budget; as is without a limit."""
+    if rate_limit is None:
+        return service
+    return MeteredChat(service, lambda: rate_limit.admit(request))
+
+
+def metered_vision(service: VisionBackend | None, rate_limit, request: gr.Request | None):
+    """The same for the vision service (None when images are off)."""
     if service is None or rate_limit is None:
         return service
-    return Metered(service, lambda: rate_limit.admit(request))
+    return MeteredVision(service, lambda: rate_limit.admit(request))

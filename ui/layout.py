@@ -15,7 +15,7 @@ from ui.banner import banner_markdown
 from ui.caption_tab import build_caption_tab, wire_caption
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat
-from ui.handlers import chat_turn, complete_text, metered, regenerate, undo
+from ui.handlers import chat_turn, complete_text, metered_chat, metered_vision, regenerate, undo
 from ui.inspector_tab import build_inspector_tab, wire_inspector
 from ui.system_tab import build_system_tab
 from ui.visual_chat import PIPELINE_CHOICES, needs_vision_model, visual_turn
@@ -120,20 +120,20 @@ def build_ui(
             text, files = value.get("text") or "", list(value.get("files") or [])
             history, values = data[chatbot], values_of(data)
             if needs_vision_model(vision, history, files, data[pipeline]):
-                answering = metered(vision, rate_limit, request)
+                answering = metered_vision(vision, rate_limit, request)
                 turns = visual_turn(
                     answering, limits, text, files, history, values, data[pipeline], data[colour]
                 )
             else:
                 turns = chat_turn(
-                    metered(service, rate_limit, request), limits, text, history, values, data[colour]
+                    metered_chat(service, rate_limit, request), limits, text, history, values, data[colour]
                 )
             for box, new_history, view in turns:
                 yield as_box(box, files), new_history, view
 
         @on_gpu
         def on_retry(data, event: gr.RetryData, request: gr.Request = None):
-            answering = metered(service, rate_limit, request)
+            answering = metered_chat(service, rate_limit, request)
             yield from regenerate(
                 answering, limits, data[chatbot], event.index, values_of(data), data[colour]
             )
@@ -141,7 +141,7 @@ def build_ui(
         @on_gpu
         def on_edit(data, event: gr.EditData, request: gr.Request = None):
             yield from regenerate(
-                metered(service, rate_limit, request),
+                metered_chat(service, rate_limit, request),
                 limits,
                 data[chatbot],
                 event.index,
@@ -157,7 +157,7 @@ def build_ui(
         @on_gpu
         def on_complete(data, request: gr.Request = None):
             yield from complete_text(
-                metered(service, rate_limit, request), limits, data[text], values_of(data)
+                metered_chat(service, rate_limit, request), limits, data[text], values_of(data)
             )
 
         def on_export(data):

@@ -1,7 +1,7 @@
 """--log-prompts: each request's prompt and final reply at INFO, from this one place.
 
-Off by default: prompts and replies are the users' business. `PromptLog.around(service)` wraps the
-chat or vision service that both the UI and /v1 use; every other attribute passes through unchanged.
+Off by default: prompts and replies are the users' business. `LoggedChat` and `LoggedVision` wrap the
+chat and vision services that both the UI and /v1 use, member by member of their Protocols.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+from backend.contracts import ChatBackend, VisionBackend, VisualReply
+from backend.prompting import Turn
 from backend.replies import Reply
+from backend.settings import GenerationSettings
 
 log = logging.getLogger("playground.prompts")
 _numbers = itertools.count(1)  # next() on a count is atomic in CPython
@@ -53,48 +56,74 @@ class LoggedReplies:
             log.info("Request %d %s: %r", self._number, how, self._last.text if self._last else "")
 
 
-class PromptLog:
-    """`service` (a chat or vision service, local or remote) with its generation requests logged."""
+def logged(what: tuple[str, str], start: Callable):
+    """Log `what` (kind, prompt) under a new request number, run `start()`; (number, its result)."""
+    kind, prompt = what
+    number = next(_numbers)
+    log.info("Request %d %s: %r", number, kind, prompt)
+    try:
+        return number, start()
+    except Exception as error:
+        log.info("Request %d refused: %s", number, error)
+        raise
 
-    def __init__(self, service):
+
+class LoggedChat:
+    """A ChatBackend whose chats and completions are logged; the Inspector's calls are not generation."""
+
+    def __init__(self, service: ChatBackend):
         self._service = service
+        self.holder, self.limits, self.stats = service.holder, service.limits, service.stats
 
-    @classmethod
-    def around(cls, service):
-        return None if service is None else cls(service)
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self._service.adapters
 
-    def __getattr__(self, name: str):
-        return getattr(self._service, name)
+    def queue_stats(self) -> tuple[int, int]:
+        return self._service.queue_stats()
 
-    def _logged(self, kind: str, prompt: str, start: Callable):
-        number = next(_numbers)
-        log.info("Request %d %s: %r", number, kind, prompt)
-        try:
-            return number, start()
-        except Exception as error:
-            log.info("Request %d refused: %s", number, error)
-            raise
+    def kv_usage(self):
+        return self._service.kv_usage()
 
-    def chat(self, message, history, settings):
-        number, replies = self._logged(
-            "chat", message, lambda: self._service.chat(message, history, settings)
+    def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
+        number, replies = logged(("chat", message), lambda: self._service.chat(message, history, settings))
+        return LoggedReplies(replies, number)
+
+    def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
+        number, replies = logged(("completion", text), lambda: self._service.complete(text, settings))
+        return LoggedReplies(replies, number)
+
+    def next_tokens(self, text: str, settings: GenerationSettings, n: int):
+        return self._service.next_tokens(text, settings, n)
+
+    def step_text(self, text: str, settings: GenerationSettings) -> str:
+        return self._service.step_text(text, settings)
+
+    def chat_context(self, history: list[Turn], system_prompt: str) -> str:
+        return self._service.chat_context(history, system_prompt)
+
+
+class LoggedVision:
+    """A VisionBackend whose captions and image chats are logged."""
+
+    def __init__(self, service: VisionBackend):
+        self._service = service
+        self.holder, self.image_limits = service.holder, service.image_limits
+
+    def choose_pipeline(self, requested: str) -> str:
+        return self._service.choose_pipeline(requested)
+
+    def caption(self, image_source, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
+        number, replies = logged(
+            ("caption", prompt), lambda: self._service.caption(image_source, prompt, settings)
         )
         return LoggedReplies(replies, number)
 
-    def complete(self, text, settings):
-        number, replies = self._logged("completion", text, lambda: self._service.complete(text, settings))
-        return LoggedReplies(replies, number)
-
-    def caption(self, image_source, prompt, settings):
-        number, replies = self._logged(
-            "caption", prompt, lambda: self._service.caption(image_source, prompt, settings)
-        )
-        return LoggedReplies(replies, number)
-
-    def visual_chat(self, message, image_source, history, settings, pipeline="auto"):
-        number, result = self._logged(
-            "image chat",
-            message,
+    def visual_chat(
+        self, message: str, image_source, history: list[Turn], settings: GenerationSettings, pipeline="auto"
+    ) -> VisualReply:
+        number, result = logged(
+            ("image chat", message),
             lambda: self._service.visual_chat(message, image_source, history, settings, pipeline),
         )
         return replace(result, replies=LoggedReplies(result.replies, number))
