@@ -26,16 +26,19 @@ from backend.config import AppConfig, parse_config
 from backend.decode.batch_cache import deterministic_kernels
 from backend.decode.engine import EngineLimits
 from backend.images import ImageLimits
+from backend.metrics import Metrics
 from backend.models.demo_vision import DEMO_LLAVA
 from backend.models.holder import ModelHolder, plan_switches_together
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import ModelSpec, plan_report, with_joint_plan
 from backend.models.vision_loading import load_vision_model
+from backend.openai_server.probes import build_probe_router
 from backend.openai_server.routes import build_openai_router
 from backend.remote.client import OpenAIClient
 from backend.remote.service import RemoteChatService, RemoteHolder, RemoteVisionService
+from backend.request_stats import RequestStats
 from backend.services.chat import ChatService
-from backend.services.prompt_log import PromptLog
+from backend.services.prompt_log import LoggedChat, LoggedVision
 from backend.services.rate_limit import rate_limit_for
 from backend.services.vision import VisionService
 from backend.torch_threads import call_on_fresh_thread
@@ -79,6 +82,7 @@ class Services:
     unsupported: dict[str, str]  # settings the engine does not take, and why (the UI disables them)
     api_extensions: frozenset[str] | None = None  # non-OpenAI /v1 parameters; None: all of ours
     rate_limit: object | None = None  # a ClientRateLimit the UI, its API and /v1 share; None: no limit
+    metrics: Metrics | None = None  # what GET /metrics serves
 
 
 def image_limits(config: AppConfig) -> ImageLimits:
@@ -86,18 +90,24 @@ def image_limits(config: AppConfig) -> ImageLimits:
 
 
 def create_services(config: AppConfig, load_in_background: bool = True) -> Services:
+    metrics = Metrics()
+    stats = RequestStats(observer=metrics)  # every reply the chat service streams, UI and /v1 alike
     if config.backend_url:
-        services = remote_services(config)
+        services = remote_services(config, stats)
     else:
-        chat, images, holders = local_services(config, load_in_background)
+        chat, images, holders = local_services(config, load_in_background, stats)
         services = Services(chat, images, holders, lambda: chat.holder.spec.name, {})  # follows switches
+    chat = services.chat
+    metrics.watch(services.model_name, lambda: (*chat.queue_stats(), chat.kv_usage()))
+    services.metrics = metrics
     services.rate_limit = rate_limit_for(config.rate_limit, config.trust_proxy_headers)
     if config.log_prompts:  # the one place prompts and replies are logged, for the UI and /v1 alike
-        services.chat, services.images = PromptLog.around(services.chat), PromptLog.around(services.images)
+        services.chat = LoggedChat(services.chat)
+        services.images = LoggedVision(services.images) if services.images is not None else None
     return services
 
 
-def local_services(config: AppConfig, load_in_background: bool):
+def local_services(config: AppConfig, load_in_background: bool, stats: RequestStats):
     """ChatService and VisionService on models loaded here (in the background while the page is served)."""
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -124,20 +134,20 @@ def local_services(config: AppConfig, load_in_background: bool):
     engine_limits = EngineLimits(
         config.max_batch_size, config.max_waiting, batch_invariant=config.batch_invariant
     )
-    chat = ChatService(text, config.limits, engine_limits)
+    chat = ChatService(text, config.limits, engine_limits, stats)
     images = (
         VisionService(vision, chat, config.limits, image_limits(config), engine_limits) if vision else None
     )
     return chat, images, holders
 
 
-def remote_services(config: AppConfig) -> Services:
+def remote_services(config: AppConfig, stats: RequestStats) -> Services:
     holder = RemoteHolder(OpenAIClient(config.backend_url, config.backend_api_key), config.model)
     status = holder.load()  # one quick request: the controls depend on what the server takes
     if status.state != "ready":
         log.warning("%s; generation settings are limited to standard OpenAI ones until restart", status.stage)
     capabilities = holder.capabilities
-    chat = RemoteChatService(holder, config.limits)
+    chat = RemoteChatService(holder, config.limits, stats)
     images = None
     if config.vision_model and capabilities.takes_images:
         images = RemoteVisionService(chat, config.limits, image_limits(config))
@@ -174,6 +184,7 @@ def create_server(config: AppConfig, load_in_background: bool = True):
     services = create_services(config, load_in_background)
     demo = build_demo(config, services)
     app = FastAPI(title=TITLE, docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(build_probe_router(services.chat, services.metrics))
     app.include_router(
         build_openai_router(
             services.chat,

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from backend.models.adapters import AdapterSpec, parse_adapters
+from backend.placement.budgets import InvalidMemorySpec, parse_gpu_memory, parse_size
 from backend.settings import ServerLimits
 
 GPU_DEFAULT = ("lmsys/vicuna-7b-v1.5", "4bit")
@@ -100,13 +101,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--max-image-pixels",
         type=int,
-        default=int(opt("MAX_IMAGE_PIXELS", "50000000")),
+        default=opt("MAX_IMAGE_PIXELS", "50000000"),
         help="Images with more pixels are refused before decoding (decompression bombs).",
     )
     add(
         "--max-upload-mb",
         type=int,
-        default=int(opt("MAX_UPLOAD_MB", "20")),
+        default=opt("MAX_UPLOAD_MB", "20"),
         help="Largest upload accepted, in MiB (Gradio refuses larger files).",
     )
     add(
@@ -139,11 +140,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=opt("HOST", env.get("GRADIO_SERVER_NAME", "127.0.0.1")),  # a Space sets GRADIO_SERVER_NAME
         help="Address to listen on (0.0.0.0 for all).",
     )
-    add("--port", type=int, default=int(opt("PORT", env.get("GRADIO_SERVER_PORT", "7860"))), help="Port.")
+    add("--port", type=int, default=opt("PORT", env.get("GRADIO_SERVER_PORT", "7860")), help="Port.")
     add(
         "--max-batch-size",
         type=int,
-        default=int(opt("MAX_BATCH_SIZE", "8")),
+        default=opt("MAX_BATCH_SIZE", "8"),
         help="Replies decoded together in one batch by the engine (KV-cache room is planned for it).",
     )
     add(
@@ -156,25 +157,25 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--max-waiting",
         type=int,
-        default=int(opt("MAX_WAITING", "16")),
+        default=opt("MAX_WAITING", "16"),
         help="Requests waiting for a place in the batch; beyond it API callers are told the server is busy.",
     )
     add(
         "--queue-size",
         type=int,
-        default=int(opt("QUEUE_SIZE", "64")),
+        default=opt("QUEUE_SIZE", "64"),
         help="Browser requests Gradio's queue holds beyond those; more are told the queue is full.",
     )
     add(
         "--max-new-tokens-limit",
         type=int,
-        default=int(opt("MAX_NEW_TOKENS_LIMIT", "1024")),
+        default=opt("MAX_NEW_TOKENS_LIMIT", "1024"),
         help="Upper bound for max_new_tokens that any request may ask for.",
     )
     add(
         "--max-input-chars",
         type=int,
-        default=int(opt("MAX_INPUT_CHARS", "20000")),
+        default=opt("MAX_INPUT_CHARS", "20000"),
         help="Longest message or completion text accepted, in characters.",
     )
     add(
@@ -200,7 +201,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--rate-limit",
         type=int,
-        default=int(opt("RATE_LIMIT", "0")),
+        default=opt("RATE_LIMIT", "0"),
         help="At most this many generation requests per minute from each client (UI, gradio_client API "
         "and /v1 together); 0 (the default) sets no limit. For public deployments.",
     )
@@ -245,6 +246,27 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse leaves unchecked (defaults from PLAYGROUND_* variables, memory sizes): argparse's
+    one-line error and exit code 2, never a traceback."""
+    for action in parser._actions:  # argparse checks choices on the command line, not on env defaults
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(
+                f"{'/'.join(action.option_strings)}: invalid choice {value!r} (choose from "
+                f"{', '.join(map(str, action.choices))})"
+            )
+    try:
+        parse_gpu_memory(args.gpu_memory)
+    except InvalidMemorySpec as error:
+        parser.error(f"--gpu-memory: {error}")
+    try:
+        if args.cpu_memory:
+            parse_size(args.cpu_memory)
+    except InvalidMemorySpec as error:
+        parser.error(f"--cpu-memory: {error}")
+
+
 def comma_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
@@ -260,6 +282,7 @@ def parse_config(
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
+    check_values(parser, args)
     try:
         adapters = parse_adapters(comma_list(env.get("PLAYGROUND_LORA")) if args.lora is None else args.lora)
     except ValueError as error:

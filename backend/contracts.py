@@ -66,6 +66,10 @@ class ChatBackend(Protocol):
     @property
     def adapters(self) -> tuple[str, ...]: ...
 
+    def queue_stats(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting) now."""
+        ...
+
     def kv_usage(self) -> tuple[int, int | None] | None:
         """(KV tokens held by running requests, the budget or None); None where nothing is known."""
         ...

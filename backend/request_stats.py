@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 WINDOW_SECONDS = 120
 
@@ -21,11 +22,24 @@ class StatsSnapshot:
     history: list[tuple[float, float]]  # (seconds ago, tok/s in that second), oldest first
 
 
+class RequestObserver(Protocol):
+    """What else hears of each counted request (backend.metrics.Metrics): times and counts, never text."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def tokens(self, count: int, seconds_since_last: float | None) -> None: ...
+
+    def ended(
+        self, outcome: str, finish_reason: str | None, prompt_tokens: int | None, seconds: float
+    ) -> None: ...
+
+
 class RequestStats:
     """Counters shared by all requests of one service; every method is thread-safe."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, observer: RequestObserver | None = None):
         self._clock = clock
+        self._observer = observer
         self._lock = threading.Lock()
         self._active = 0
         self._outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
@@ -53,10 +67,19 @@ class RequestStats:
     def counted(self, replies: Iterator) -> Iterator:
         """Pass `replies` through, counting them; a closed stream (Stop, disconnect) counts as cancelled."""
         self.started()
-        outcome, seen = "cancelled", 0
+        outcome, seen, last = "cancelled", 0, None
+        start = self._clock()
+        reply = None
         try:
             for reply in replies:
-                self.add_tokens(reply.new_tokens - seen)
+                new = reply.new_tokens - seen
+                self.add_tokens(new)
+                if new > 0 and self._observer is not None:
+                    now = self._clock()
+                    if last is None:
+                        self._observer.first_token(now - start)
+                    self._observer.tokens(new, None if last is None else now - last)
+                    last = now
                 seen = reply.new_tokens
                 yield reply
             outcome = "finished"
@@ -65,6 +88,11 @@ class RequestStats:
             raise
         finally:
             self.ended(outcome)
+            if self._observer is not None:
+                reason, prompt = (
+                    (reply.finish_reason, reply.prompt_tokens) if reply is not None else (None, None)
+                )
+                self._observer.ended(outcome, reason, prompt, self._clock() - start)
 
     def snapshot(self) -> StatsSnapshot:
         now = int(self._clock())

@@ -263,3 +263,20 @@ def test_stop_on_the_front_cancels_the_backend(front, upstream, monkeypatch):
     time.sleep(1.0)
     assert calls["n"] == after, "the backend kept generating after Stop"
     assert after < 300
+
+
+def test_remote_mode_and_the_v1_edge_import_no_torch():
+    """In front of a remote engine nothing loads the torch stack: a small machine can be the front door."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; import backend.remote.service, backend.openai_server.routes, backend.contracts; "
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -84,6 +84,7 @@ def api_error(error: Exception) -> ApiError:
             field_name = getattr(error, "field", None)
             refused = ApiError(status, str(error), PARAM_NAMES.get(field_name, field_name), code)
             refused.retry_after = getattr(error, "retry_after", 1)
+            log.warning("Refused a /v1 request (%s): %s", type(error).__name__, error)
             return refused
     log.error("API request failed", exc_info=error)
     return ApiError(500, f"Generation failed ({type(error).__name__}: {error}).")

@@ -135,11 +135,14 @@ class RemoteHolder:
 class RemoteChatService:
     """ChatService's public interface over an OpenAI-compatible server."""
 
-    def __init__(self, holder: RemoteHolder, limits: ServerLimits):
+    def __init__(self, holder: RemoteHolder, limits: ServerLimits, stats: RequestStats | None = None):
         self.holder = holder
         self.client = holder.client
         self.limits = limits
-        self.stats = RequestStats()
+        self.stats = stats or RequestStats()
+
+    def queue_stats(self) -> tuple[int, int]:
+        return self.stats.snapshot().active_requests, 0  # the backend server queues out of our sight
 
     def kv_usage(self) -> None:
         return None  # the backend server keeps its KV cache to itself

@@ -38,13 +38,19 @@ def check_adapter(loaded, name: str) -> None:
 
 
 class ChatService:
-    def __init__(self, holder: ModelSource, limits: ServerLimits, engine_limits: EngineLimits | None = None):
+    def __init__(
+        self,
+        holder: ModelSource,
+        limits: ServerLimits,
+        engine_limits: EngineLimits | None = None,
+        stats: RequestStats | None = None,
+    ):
         self.holder = holder
         self.limits = limits
         self.engine_limits = engine_limits or EngineLimits()
         self._engines = ModelEngine(holder, self.engine_limits)
         self._inspector: Inspector | None = None
-        self.stats = RequestStats()
+        self.stats = stats or RequestStats()
         holder.register_requests(self.in_flight, self.release)
 
     @property
@@ -55,6 +61,10 @@ class ChatService:
     def in_flight(self) -> int:
         """Requests the model has not finished yet (a model switch waits for them)."""
         return self._engines.pending()
+
+    def queue_stats(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting) in the engine now."""
+        return self._engines.queue_stats()
 
     def kv_usage(self) -> tuple[int, int | None] | None:
         """(KV tokens the running requests hold, the model's KV budget); None while no engine runs."""

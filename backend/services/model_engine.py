@@ -48,6 +48,11 @@ class ModelEngine:
                 self._engine = Engine(model, loaded.tokenizer, limits, eos_model=loaded.model)
             return self._engine
 
+    def queue_stats(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting) of the engine now; none before the first request."""
+        engine = self._engine
+        return engine.stats() if engine is not None else (0, 0)
+
     def kv_usage(self) -> tuple[int, int | None] | None:
         """(KV tokens reserved, the budget) of the engine now; None before the first request made one."""
         engine = self._engine
