@@ -278,21 +278,27 @@ def measure_dtype(
     out["raw_thread_beside_main_team_tok_s"] = round(beside, 2)
     for users in user_counts:
         batch = prompts(users, prompt_len, vocab)
-        # A fresh engine per scenario: its thread (and OpenMP team) ends before the next system runs.
-        engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
-        try:
-            engine_run(engine, prompts(1, prompt_len, vocab), 8)  # warm-up
-            # One user is compared with a median of raw generate() runs: give it as many.
-            runs = [
-                engine_run(engine, batch, new_tokens).summary() for _ in range(repeats if users == 1 else 1)
-            ]
-            row = {"engine": sorted(runs, key=lambda run: run["tok_per_s"])[len(runs) // 2]}
-        finally:
-            engine.close()
+        row = {}
+        # The app's default batch (8), or all users at once beyond it; with invariance every decode step
+        # has that many rows, without it only the rows in use (--no-batch-invariance).
+        for system, invariant in (("engine", True), ("engine_no_invariance", False)):
+            limits = EngineLimits(max_batch_size=max(8, users), max_queue=64, batch_invariant=invariant)
+            # A fresh engine per scenario: its thread (and OpenMP team) ends before the next system runs.
+            engine = Engine(model, tokenizer, limits)
+            try:
+                engine_run(engine, prompts(1, prompt_len, vocab), 8)  # warm-up
+                # One user is compared with a median of raw generate() runs: give it as many.
+                runs = [
+                    engine_run(engine, batch, new_tokens).summary()
+                    for _ in range(repeats if users == 1 else 1)
+                ]
+                row[system] = sorted(runs, key=lambda run: run["tok_per_s"])[len(runs) // 2]
+            finally:
+                engine.close()
         row["serialised"] = serialised(model, tokenizer, batch, new_tokens).summary()
         if users == 8:
             # Users who come one after another instead of all at once: each joins the running batch.
-            engine = Engine(model, tokenizer, EngineLimits(max_batch_size=max(user_counts), max_queue=64))
+            engine = Engine(model, tokenizer, EngineLimits(max_batch_size=8, max_queue=64))
             try:
                 row["engine_staggered"] = engine_run(engine, batch, new_tokens, STAGGER).summary()
             finally:
@@ -327,6 +333,10 @@ def ratios(result: dict) -> dict:
         )
     if one:
         found["engine_1_vs_raw_generate"] = one["engine"]["tok_per_s"] / result["raw_main_tok_s"]
+    for users, row in scenarios.items():  # what batch invariance costs: invariant tok/s over not
+        found[f"invariance_{users}_tok_s_ratio"] = (
+            row["engine"]["tok_per_s"] / row["engine_no_invariance"]["tok_per_s"]
+        )
     if eight and one:
         found["ttft_p95_8_vs_ttft_1"] = eight["engine"]["ttft_p95_ms"] / one["engine"]["ttft_p95_ms"]
         found["ttft_p95_8_staggered_vs_ttft_1"] = (
@@ -342,6 +352,7 @@ def ratios(result: dict) -> dict:
 
 
 TARGETS = {
+    "invariance_8_tok_s_ratio": (">=", 0.9),
     "engine_8_vs_serialised": (">=", 4.0),
     "engine_8_vs_static_batch_8": (">=", 1.0),
     "engine_1_vs_raw_generate": (">=", 0.95),
