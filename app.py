@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import gradio as gr
 import torch
@@ -50,16 +50,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        quantization=quantization,
-        dtype=config.dtype,
-        gpu_memory=config.gpu_memory,
-        cpu_memory=config.cpu_memory,
-        context_length=config.context_length,
-        max_batch_size=config.max_batch_size,
-        trust_remote_code=config.trust_remote_code,
-    )
+    return ModelSpec(name=name, quantization=quantization, **asdict(config.placement))
 
 
 def load_all(holders: dict[str, ModelHolder]) -> None:
@@ -86,13 +77,15 @@ class Services:
 
 
 def image_limits(config: AppConfig) -> ImageLimits:
-    return ImageLimits(max_bytes=config.max_upload_mb * 2**20, max_pixels=config.max_image_pixels)
+    return ImageLimits(
+        max_bytes=config.server.max_upload_mb * 2**20, max_pixels=config.server.max_image_pixels
+    )
 
 
 def create_services(config: AppConfig, load_in_background: bool = True) -> Services:
     metrics = Metrics()
     stats = RequestStats(observer=metrics)  # every reply the chat service streams, UI and /v1 alike
-    if config.backend_url:
+    if config.remote.url:
         services = remote_services(config, stats)
     else:
         chat, images, holders = local_services(config, load_in_background, stats)
@@ -100,8 +93,8 @@ def create_services(config: AppConfig, load_in_background: bool = True) -> Servi
     chat = services.chat
     metrics.watch(services.model_name, lambda: (*chat.queue_stats(), chat.kv_usage()))
     services.metrics = metrics
-    services.rate_limit = rate_limit_for(config.rate_limit, config.trust_proxy_headers)
-    if config.log_prompts:  # the one place prompts and replies are logged, for the UI and /v1 alike
+    services.rate_limit = rate_limit_for(config.server.rate_limit, config.server.trust_proxy_headers)
+    if config.server.log_prompts:  # the one place prompts and replies are logged, for the UI and /v1 alike
         services.chat = LoggedChat(services.chat)
         services.images = LoggedVision(services.images) if services.images is not None else None
     return services
@@ -132,7 +125,9 @@ def local_services(config: AppConfig, load_in_background: bool, stats: RequestSt
     else:  # still on a thread that ends: see backend.torch_threads
         call_on_fresh_thread(load_all, roles, name="model-loader")
     engine_limits = EngineLimits(
-        config.max_batch_size, config.max_waiting, batch_invariant=config.batch_invariant
+        config.placement.max_batch_size,
+        config.server.max_waiting,
+        batch_invariant=config.server.batch_invariant,
     )
     chat = ChatService(text, config.limits, engine_limits, stats)
     images = (
@@ -142,7 +137,7 @@ def local_services(config: AppConfig, load_in_background: bool, stats: RequestSt
 
 
 def remote_services(config: AppConfig, stats: RequestStats) -> Services:
-    holder = RemoteHolder(OpenAIClient(config.backend_url, config.backend_api_key), config.model)
+    holder = RemoteHolder(OpenAIClient(config.remote.url, config.remote.api_key), config.model)
     status = holder.load()  # one quick request: the controls depend on what the server takes
     if status.state != "ready":
         log.warning("%s; generation settings are limited to standard OpenAI ones until restart", status.stage)
@@ -172,11 +167,11 @@ def build_demo(config: AppConfig, services: Services) -> gr.Blocks:
         services.chat,
         services.images,
         config.limits,
-        config.concurrency,
+        config.server.concurrency,
         services.unsupported,
         rate_limit=services.rate_limit,
     )
-    return demo.queue(max_size=config.queue_size, default_concurrency_limit=config.concurrency)
+    return demo.queue(max_size=config.server.queue_size, default_concurrency_limit=config.server.concurrency)
 
 
 def create_server(config: AppConfig, load_in_background: bool = True):
@@ -189,7 +184,7 @@ def create_server(config: AppConfig, load_in_background: bool = True):
         build_openai_router(
             services.chat,
             services.images,
-            config.api_key,
+            config.server.api_key,
             services.model_name,
             config.limits,
             services.api_extensions,
@@ -200,11 +195,11 @@ def create_server(config: AppConfig, load_in_background: bool = True):
         app,
         demo,
         path="/",
-        server_name=config.host,
-        server_port=config.port,
+        server_name=config.server.host,
+        server_port=config.server.port,
         css=CSS,
         show_error=True,
-        max_file_size=f"{config.max_upload_mb}mb",
+        max_file_size=f"{config.server.max_upload_mb}mb",
     )
     return app, demo, services.holders
 
@@ -213,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU warns on every call
     config = parse_config(argv, has_gpu=torch.cuda.is_available())
-    if config.batch_invariant:
+    if config.server.batch_invariant:
         deterministic_kernels()
     if config.plan:  # where the models would go, planned from their configs alone: no weights are loaded
         specs = {"text": model_spec(config, config.model, config.quantization)}
@@ -228,8 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         "Starting with model %s (%s), vision model %s", config.model, config.quantization, config.vision_model
     )
     app, _, _ = create_server(config)
-    log.info("Serving on http://%s:%d (OpenAI-compatible API under /v1)", config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    log.info(
+        "Serving on http://%s:%d (OpenAI-compatible API under /v1)", config.server.host, config.server.port
+    )
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -19,39 +19,60 @@ NO_VISION = "none"
 
 
 @dataclass(frozen=True)
+class Placement:
+    """How each model is placed and loaded: ModelSpec takes these fields as they are (app.model_spec)."""
+
+    dtype: str  # auto | float32 | bfloat16 | float16
+    gpu_memory: str | None  # "0=20GiB,1=10GiB"; None: 90% of each visible GPU's free memory
+    cpu_memory: str | None  # None: 80% of the available RAM
+    context_length: int | None  # what one request may reach; None: the model's window
+    max_batch_size: int  # requests decoded together; the KV pool is capped at this many
+    trust_remote_code: bool = False  # let model repositories run their own Python code
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the app serves: the port, Gradio's queue, /v1's key, limits per client, what is logged."""
+
+    host: str
+    port: int
+    concurrency: int  # Gradio events running at once: the engine's batch plus its waiting line
+    queue_size: int
+    max_waiting: int  # requests waiting for a place in the batch
+    max_image_pixels: int
+    max_upload_mb: int
+    api_key: str | None = None  # required on every /v1 request when set
+    rate_limit: int = 0  # generation requests per minute per client; 0: no limit
+    trust_proxy_headers: bool = False  # take the client from X-Forwarded-For (behind a Space's proxy)
+    log_prompts: bool = False  # log every prompt and reply at INFO
+    batch_invariant: bool = True  # a seed gives the same text alone or batched (decode steps padded)
+
+
+@dataclass(frozen=True)
+class RemoteEngine:
+    """--backend-url: an OpenAI-compatible server answers instead of local models."""
+
+    url: str | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
 class AppConfig:
     model: str
     quantization: str
     vision_model: str | None  # None: no image features
     vision_quantization: str
-    dtype: str
-    gpu_memory: str | None
-    cpu_memory: str | None
-    context_length: int | None
-    host: str
-    port: int
-    concurrency: int  # Gradio events running at once: the engine's batch plus its waiting line
-    queue_size: int
-    max_batch_size: int
-    max_waiting: int
+    placement: Placement
+    server: ServerConfig
     limits: ServerLimits
     demo_fallback: bool
     threads: int | None
-    max_image_pixels: int
-    max_upload_mb: int
-    api_key: str | None = None  # required on every /v1 request when set
-    backend_url: str | None = None  # an OpenAI-compatible server answers instead of local models
-    backend_api_key: str | None = None
+    remote: RemoteEngine = RemoteEngine()
     plan: bool = False  # print the device plan and exit, loading no weights
     plan_json: bool = False  # ... as JSON
-    rate_limit: int = 0  # generation requests per minute per client; 0: no limit
-    trust_proxy_headers: bool = False  # take the client from X-Forwarded-For (behind a Space's proxy)
-    trust_remote_code: bool = False  # let model repositories run their own Python code
-    log_prompts: bool = False  # log every prompt and reply at INFO
     adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters on the chat model, chosen per request
     model_choices: tuple[str, ...] = ()  # chat models the System tab may switch to (the launched one first)
     vision_model_choices: tuple[str, ...] = ()  # the same for the vision model
-    batch_invariant: bool = True  # a seed gives the same text alone or batched (decode steps padded)
 
 
 def default_model(has_gpu: bool) -> tuple[str, str]:
@@ -300,32 +321,35 @@ def parse_config(
         quantization=quantization,
         vision_model=None if vision == NO_VISION else vision,
         vision_quantization=vision_quantization,
-        dtype=args.dtype,
-        gpu_memory=args.gpu_memory,
-        cpu_memory=args.cpu_memory,
-        context_length=int(args.context_length) if args.context_length else None,
-        host=args.host,
-        port=args.port,
-        concurrency=args.max_batch_size + args.max_waiting,
-        max_batch_size=args.max_batch_size,
-        max_waiting=args.max_waiting,
-        queue_size=args.queue_size,
+        placement=Placement(
+            dtype=args.dtype,
+            gpu_memory=args.gpu_memory,
+            cpu_memory=args.cpu_memory,
+            context_length=int(args.context_length) if args.context_length else None,
+            max_batch_size=args.max_batch_size,
+            trust_remote_code=args.trust_remote_code,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            concurrency=args.max_batch_size + args.max_waiting,
+            queue_size=args.queue_size,
+            max_waiting=args.max_waiting,
+            max_image_pixels=args.max_image_pixels,
+            max_upload_mb=args.max_upload_mb,
+            api_key=args.api_key or None,
+            rate_limit=max(args.rate_limit, 0),
+            trust_proxy_headers=args.trust_proxy_headers,
+            log_prompts=args.log_prompts,
+            batch_invariant=not args.no_batch_invariance,
+        ),
         limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),
         demo_fallback=not args.no_demo_fallback,
         threads=int(args.threads) if args.threads else None,
-        max_image_pixels=args.max_image_pixels,
-        max_upload_mb=args.max_upload_mb,
-        api_key=args.api_key or None,
-        backend_url=args.backend_url or None,
-        backend_api_key=args.backend_api_key or None,
+        remote=RemoteEngine(url=args.backend_url or None, api_key=args.backend_api_key or None),
         plan=args.plan or args.plan_json,
         plan_json=args.plan_json,
-        rate_limit=max(args.rate_limit, 0),
-        trust_proxy_headers=args.trust_proxy_headers,
-        trust_remote_code=args.trust_remote_code,
-        log_prompts=args.log_prompts,
         adapters=adapters,
         model_choices=choices_with(model, args.model_choices),
         vision_model_choices=choices_with(None if vision == NO_VISION else vision, args.vision_model_choices),
-        batch_invariant=not args.no_batch_invariance,
     )

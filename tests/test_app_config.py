@@ -28,9 +28,9 @@ def test_presets_depend_on_the_gpu():
 def test_flags_and_environment():
     env = {"PLAYGROUND_MODEL": "org/model", "PLAYGROUND_PORT": "9000", "PLAYGROUND_QUANTIZATION": "8bit"}
     config = parse_config([], has_gpu=False, env=env)
-    assert (config.model, config.port, config.quantization) == ("org/model", 9000, "8bit")
+    assert (config.model, config.server.port, config.quantization) == ("org/model", 9000, "8bit")
     config = parse_config(["--model", "/m", "--port", "7000", "--max-new-tokens-limit", "99"], False, env)
-    assert (config.model, config.port, config.limits.max_new_tokens) == ("/m", 7000, 99)
+    assert (config.model, config.server.port, config.limits.max_new_tokens) == ("/m", 7000, 99)
     # A model other than the preset is not quantized unless asked.
     assert parse_config(["--model", "/m"], has_gpu=True, env={}).quantization == "none"
 

@@ -237,8 +237,8 @@ def test_without_invariance_steps_shrink_to_the_rows_in_use_and_replies_say_seed
     """--no-batch-invariance: one user's steps are one row, and the reply's numbers no longer promise."""
     from backend.config import parse_config
 
-    assert parse_config([], has_gpu=False, env={}).batch_invariant
-    assert not parse_config(["--no-batch-invariance"], has_gpu=False, env={}).batch_invariant
+    assert parse_config([], has_gpu=False, env={}).server.batch_invariant
+    assert not parse_config(["--no-batch-invariance"], has_gpu=False, env={}).server.batch_invariant
     rows = []
     hook = wide_model.lm_head.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     engine = Engine(wide_model, demo_tokenizer, EngineLimits(max_batch_size=ROWS, batch_invariant=False))

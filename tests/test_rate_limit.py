@@ -106,15 +106,15 @@ def test_refusal_says_the_limit_and_when_to_come_back():
 
 
 def test_flags_and_environment():
-    assert parse_config([], has_gpu=False, env={}).rate_limit == 0
+    assert parse_config([], has_gpu=False, env={}).server.rate_limit == 0
     assert rate_limit_for(0) is None
     config = parse_config(["--rate-limit", "5", "--trust-proxy-headers"], has_gpu=False, env={})
-    assert (config.rate_limit, config.trust_proxy_headers) == (5, True)
+    assert (config.server.rate_limit, config.server.trust_proxy_headers) == (5, True)
     env = {"PLAYGROUND_RATE_LIMIT": "7", "PLAYGROUND_TRUST_PROXY_HEADERS": "true"}
     config = parse_config([], has_gpu=False, env=env)
-    assert (config.rate_limit, config.trust_proxy_headers) == (7, True)
-    assert not parse_config([], has_gpu=False, env={}).trust_proxy_headers
-    limit = rate_limit_for(config.rate_limit, config.trust_proxy_headers)
+    assert (config.server.rate_limit, config.server.trust_proxy_headers) == (7, True)
+    assert not parse_config([], has_gpu=False, env={}).server.trust_proxy_headers
+    limit = rate_limit_for(config.server.rate_limit, config.server.trust_proxy_headers)
     assert (limit.per_minute, limit.trust_proxy_headers) == (7, True)
 
 

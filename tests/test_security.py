@@ -153,9 +153,9 @@ def test_log_prompts_logs_each_prompt_and_its_reply_once(caplog):
 
 
 def test_log_prompts_is_off_unless_asked():
-    assert not parse_config([], has_gpu=False, env={}).log_prompts
-    assert parse_config(["--log-prompts"], has_gpu=False, env={}).log_prompts
-    assert parse_config([], has_gpu=False, env={"PLAYGROUND_LOG_PROMPTS": "1"}).log_prompts
+    assert not parse_config([], has_gpu=False, env={}).server.log_prompts
+    assert parse_config(["--log-prompts"], has_gpu=False, env={}).server.log_prompts
+    assert parse_config([], has_gpu=False, env={"PLAYGROUND_LOG_PROMPTS": "1"}).server.log_prompts
 
 
 # ----------------------------------------------------------------------------- model code
@@ -191,14 +191,16 @@ def capture_from_pretrained(monkeypatch) -> list[tuple[str, object]]:
 
 def test_remote_code_is_off_by_default_everywhere():
     config = parse_config([], has_gpu=False, env={})
-    assert not config.trust_remote_code
+    assert not config.placement.trust_remote_code
     assert ModelSpec("any/model").trust_remote_code is False
     from app import model_spec
 
     assert model_spec(config, config.model, config.quantization).trust_remote_code is False
     on = parse_config(["--trust-remote-code"], has_gpu=False, env={})
     assert model_spec(on, on.model, on.quantization).trust_remote_code is True
-    assert parse_config([], has_gpu=False, env={"PLAYGROUND_TRUST_REMOTE_CODE": "true"}).trust_remote_code
+    assert parse_config(
+        [], has_gpu=False, env={"PLAYGROUND_TRUST_REMOTE_CODE": "true"}
+    ).placement.trust_remote_code
 
 
 def test_loaders_pass_trust_remote_code_from_the_spec(monkeypatch, caplog, demo_text_dir, demo_vision_dirs):
