@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/soak.py                       # 16 clients, 180 s, demo models
     .venv/bin/python benchmarks/soak.py --clients 4 --seconds 10
+    .venv/bin/python benchmarks/soak.py --server-process --minutes 60   # the app in its own process
 
 Clients mix settings (sample/greedy/beam, stop words, lengths), ask for image captions (which
 share the vision model's batching engine), cancel some replies part-way and send some invalid
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import threading
@@ -226,6 +228,110 @@ def soak(
     return report
 
 
+def soak_server_process(clients: int, minutes: float, max_slope_mb_per_min: float) -> dict:
+    """The app in a process of its own, as a Space runs it (the dtype it picks, demo models): only the
+    server's RSS is sampled, every 10 s; flat means its slope over the last half is under the bound."""
+    import socket
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    command = [
+        sys.executable,
+        str(app),
+        "--model",
+        "demo:tiny-llama-chat",
+        "--vision-model",
+        "demo:tiny-llava",
+    ]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = Path(tempfile.mkdtemp(prefix="soak-server-")) / "server.log"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no Hub here: the demo models, as offline users get
+    with log_path.open("w") as server_log:
+        server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to 5 minutes to load, then the readiness probe says so
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError("the server exited while starting")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the server did not become ready")
+        images = write_images(Path(tempfile.mkdtemp(prefix="soak-images-")))
+        rss = psutil.Process(server.pid)
+        tally, samples = Tally(), []
+        seconds = minutes * 60
+        started = time.time()
+        runner = threading.Thread(
+            target=run_clients, args=(url + "/", clients, seconds, 10 * int(seconds) + 500, tally, images)
+        )
+        runner.start()
+        while runner.is_alive():
+            samples.append((round(time.time() - started, 1), round(rss.memory_info().rss / 2**20, 1)))
+            runner.join(10)
+    finally:
+        server.terminate()
+        server.wait(60)
+    late = samples[len(samples) // 2 :]
+    slope = _slope(late) * 60 if len(late) > 1 else 0.0
+    report = {f.name: getattr(tally, f.name) for f in fields(tally) if f.name != "lock"}
+    report.update(
+        clients=clients,
+        minutes=minutes,
+        rss_series_mb=samples,
+        rss_start_mb=samples[0][1] if samples else None,
+        rss_end_mb=samples[-1][1] if samples else None,
+        slope_last_half_mb_per_min=round(slope, 3),
+        max_slope_mb_per_min=max_slope_mb_per_min,
+        server_log=str(log_path),
+    )
+    report["passed"] = tally.valid_failed == 0 and tally.valid_ok > 0 and slope < max_slope_mb_per_min
+    return report
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares MB per second through (seconds, MB) points."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points) or 1.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
+def plot_rss(report: dict, path: Path) -> None:
+    """The server's RSS over the run (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    points = report["rss_series_mb"]
+    image = Image.new("RGB", (720, 320), "white")
+    draw = ImageDraw.Draw(image)
+    if len(points) > 1:
+        low, high = min(y for _, y in points), max(y for _, y in points)
+        span_y, span_x = (high - low) or 1.0, points[-1][0] or 1.0
+        xy = [(40 + 660 * x / span_x, 280 - 240 * (y - low) / span_y) for x, y in points]
+        draw.line(xy, fill=(249, 115, 22), width=2)
+        draw.text((40, 284), f"0 … {span_x / 60:.0f} min", fill="black")
+        draw.text((4, 30), f"{high:.0f} MB", fill="black")
+        draw.text((4, 272), f"{low:.0f} MB", fill="black")
+    draw.text(
+        (40, 8),
+        f"server RSS, {report['clients']} clients; "
+        f"last-half slope {report['slope_last_half_mb_per_min']} MB/min",
+        fill="black",
+    )
+    image.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -237,7 +343,17 @@ def main(argv: list[str] | None = None) -> int:
         "--max-rss-growth-mb", type=float, default=50, help="over the second half of the run, after warm-up"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--server-process", action="store_true", help="the app in its own process")
+    parser.add_argument("--minutes", type=float, default=60, help="with --server-process: how long")
+    parser.add_argument("--max-slope", type=float, default=0.5, help="MB/min over the last half, server only")
     args = parser.parse_args(argv)
+    if args.server_process:
+        report = soak_server_process(args.clients, args.minutes, args.max_slope)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "soak-server.json").write_text(json.dumps(report, indent=2))
+        plot_rss(report, args.out / "soak-server.png")
+        print(json.dumps({k: v for k, v in report.items() if k != "rss_series_mb"}, indent=2))
+        return 0 if report["passed"] else 1
     report = soak(args.clients, args.seconds, args.max_requests, args.max_rss_growth_mb)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))

@@ -132,3 +132,19 @@ def test_a_refused_request_is_one_warning_line_without_a_traceback(caplog):
     [record] = [r for r in caplog.records if r.name == "ui.handlers"]
     assert record.levelno == logging.WARNING and record.exc_info is None
     assert "BadInput" in record.getMessage() and "Message is empty" in record.getMessage()
+
+
+def test_an_api_refusal_is_one_warning_and_gradio_prints_no_traceback_for_it(caplog):
+    import gradio as gr
+
+    from ui.handlers import api_stream
+
+    def refuse():
+        raise BadInput("Message is empty: type something to send.")
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(gr.Error) as raised:
+        list(api_stream(refuse))
+    assert raised.value.print_exception is False  # Gradio's queue would print a traceback otherwise
+    [record] = [r for r in caplog.records if r.name == "ui.handlers"]
+    assert record.levelno == logging.WARNING and record.exc_info is None

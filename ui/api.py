@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import gradio as gr
@@ -10,6 +11,8 @@ from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
 from ui.handlers import api_stream, metered_chat, metered_vision
+
+log = logging.getLogger(__name__)
 
 D = GenerationSettings()
 
@@ -84,7 +87,8 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
             )
             return metered_chat(service, rate_limit, request).next_tokens(text, checked, int(n)).to_dict()
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            log.warning("Refused an API request (%s): %s", type(error).__name__, error)
+            raise gr.Error(str(error), print_exception=False) from None
 
     gr.api(next_tokens, api_name="next_tokens", concurrency_id="inspector")
 

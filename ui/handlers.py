@@ -164,7 +164,7 @@ def api_stream(replies_factory) -> Iterator[str]:
             yield text
     except UserError as error:
         log.warning("Refused an API request (%s): %s", type(error).__name__, error)
-        raise gr.Error(str(error)) from None
+        raise gr.Error(str(error), print_exception=False) from None  # the line above says it, once
     except Exception as error:
         log.exception("API request failed")
         raise gr.Error(failure_message(error)) from None

@@ -141,7 +141,7 @@ def build_model_switch(role: str, holder) -> gr.events.Dependency | None:
         try:
             holder.switch(name)
         except UserError as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(str(error), print_exception=False) from None
         gr.Info(f"Switching the {role} model to {name}; the banner shows the progress.")
 
     return button.click(switch, model, None, api_visibility="private")  # queued: gr.Info needs it
