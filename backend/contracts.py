@@ -103,3 +103,60 @@ class VisionBackend(Protocol):
         settings: GenerationSettings,
         pipeline: str = "auto",
     ) -> VisualReply: ...
+
+
+class ChatDecorator:
+    """A ChatBackend that passes every member on to `service`; decorators override what they add to."""
+
+    def __init__(self, service: ChatBackend):
+        self.service = service
+        self.holder, self.limits, self.stats = service.holder, service.limits, service.stats
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.service.adapters
+
+    def queue_stats(self) -> tuple[int, int]:
+        return self.service.queue_stats()
+
+    def kv_usage(self) -> tuple[int, int | None] | None:
+        return self.service.kv_usage()
+
+    def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
+        return self.service.chat(message, history, settings)
+
+    def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
+        return self.service.complete(text, settings)
+
+    def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> Any:
+        return self.service.next_tokens(text, settings, n)
+
+    def step_text(self, text: str, settings: GenerationSettings) -> str:
+        return self.service.step_text(text, settings)
+
+    def chat_context(self, history: list[Turn], system_prompt: str) -> str:
+        return self.service.chat_context(history, system_prompt)
+
+
+class VisionDecorator:
+    """A VisionBackend that passes every member on to `service`; decorators override what they add to."""
+
+    def __init__(self, service: VisionBackend):
+        self.service = service
+        self.holder, self.image_limits = service.holder, service.image_limits
+
+    def choose_pipeline(self, requested: str) -> str:
+        return self.service.choose_pipeline(requested)
+
+    def caption(self, image_source: Any, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
+        return self.service.caption(image_source, prompt, settings)
+
+    def visual_chat(
+        self,
+        message: str,
+        image_source: Any,
+        history: list[Turn],
+        settings: GenerationSettings,
+        pipeline="auto",
+    ) -> VisualReply:
+        return self.service.visual_chat(message, image_source, history, settings, pipeline)

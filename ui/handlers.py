@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from backend.contracts import ChatBackend, VisionBackend
+from backend.contracts import ChatBackend, ChatDecorator, VisionBackend, VisionDecorator
 from backend.errors import UserError
 from backend.settings import ServerLimits, request_settings
 from ui.messages import history_to_turns, is_note, note, text_of
@@ -170,59 +170,40 @@ def api_stream(replies_factory) -> Iterator[str]:
         raise gr.Error(failure_message(error)) from None
 
 
-class MeteredChat:
+class MeteredChat(ChatDecorator):
     """A ChatBackend whose generating calls first pass `admit` (it raises RateLimited past --rate-limit)."""
 
     def __init__(self, service: ChatBackend, admit: Callable[[], None]):
-        self._service, self._admit = service, admit
-        self.holder, self.limits, self.stats = service.holder, service.limits, service.stats
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return self._service.adapters
-
-    def queue_stats(self) -> tuple[int, int]:
-        return self._service.queue_stats()
-
-    def kv_usage(self):
-        return self._service.kv_usage()
+        super().__init__(service)
+        self._admit = admit
 
     def chat(self, message, history, settings):
         self._admit()
-        return self._service.chat(message, history, settings)
+        return super().chat(message, history, settings)
 
     def complete(self, text, settings):
         self._admit()
-        return self._service.complete(text, settings)
+        return super().complete(text, settings)
 
     def next_tokens(self, text, settings, n):
         self._admit()
-        return self._service.next_tokens(text, settings, n)
-
-    def step_text(self, text, settings):
-        return self._service.step_text(text, settings)
-
-    def chat_context(self, history, system_prompt):
-        return self._service.chat_context(history, system_prompt)
+        return super().next_tokens(text, settings, n)
 
 
-class MeteredVision:
+class MeteredVision(VisionDecorator):
     """A VisionBackend whose captions and image chats first pass `admit`."""
 
     def __init__(self, service: VisionBackend, admit: Callable[[], None]):
-        self._service, self._admit = service, admit
-        self.holder, self.image_limits = service.holder, service.image_limits
-
-    def choose_pipeline(self, requested):
-        return self._service.choose_pipeline(requested)
+        super().__init__(service)
+        self._admit = admit
 
     def caption(self, image_source, prompt, settings):
         self._admit()
-        return self._service.caption(image_source, prompt, settings)
+        return super().caption(image_source, prompt, settings)
 
     def visual_chat(self, message, image_source, history, settings, pipeline="auto"):
         self._admit()
-        return self._service.visual_chat(message, image_source, history, settings, pipeline)
+        return super().visual_chat(message, image_source, history, settings, pipeline)
 
 
 def metered_chat(service: ChatBackend, rate_limit, request: gr.Request | None) -> ChatBackend:

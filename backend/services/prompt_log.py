@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from backend.contracts import ChatBackend, VisionBackend, VisualReply
+from backend.contracts import ChatDecorator, VisionDecorator, VisualReply
 from backend.prompting import Turn
 from backend.replies import Reply
 from backend.settings import GenerationSettings
@@ -68,54 +68,24 @@ def logged(what: tuple[str, str], start: Callable):
         raise
 
 
-class LoggedChat:
+class LoggedChat(ChatDecorator):
     """A ChatBackend whose chats and completions are logged; the Inspector's calls are not generation."""
 
-    def __init__(self, service: ChatBackend):
-        self._service = service
-        self.holder, self.limits, self.stats = service.holder, service.limits, service.stats
-
-    @property
-    def adapters(self) -> tuple[str, ...]:
-        return self._service.adapters
-
-    def queue_stats(self) -> tuple[int, int]:
-        return self._service.queue_stats()
-
-    def kv_usage(self):
-        return self._service.kv_usage()
-
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
-        number, replies = logged(("chat", message), lambda: self._service.chat(message, history, settings))
+        number, replies = logged(("chat", message), lambda: self.service.chat(message, history, settings))
         return LoggedReplies(replies, number)
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]:
-        number, replies = logged(("completion", text), lambda: self._service.complete(text, settings))
+        number, replies = logged(("completion", text), lambda: self.service.complete(text, settings))
         return LoggedReplies(replies, number)
 
-    def next_tokens(self, text: str, settings: GenerationSettings, n: int):
-        return self._service.next_tokens(text, settings, n)
 
-    def step_text(self, text: str, settings: GenerationSettings) -> str:
-        return self._service.step_text(text, settings)
-
-    def chat_context(self, history: list[Turn], system_prompt: str) -> str:
-        return self._service.chat_context(history, system_prompt)
-
-
-class LoggedVision:
+class LoggedVision(VisionDecorator):
     """A VisionBackend whose captions and image chats are logged."""
-
-    def __init__(self, service: VisionBackend):
-        self._service = service
-        self.holder, self.image_limits = service.holder, service.image_limits
-
-    def choose_pipeline(self, requested: str) -> str:
-        return self._service.choose_pipeline(requested)
 
     def caption(self, image_source, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
         number, replies = logged(
-            ("caption", prompt), lambda: self._service.caption(image_source, prompt, settings)
+            ("caption", prompt), lambda: self.service.caption(image_source, prompt, settings)
         )
         return LoggedReplies(replies, number)
 
@@ -124,6 +94,6 @@ class LoggedVision:
     ) -> VisualReply:
         number, result = logged(
             ("image chat", message),
-            lambda: self._service.visual_chat(message, image_source, history, settings, pipeline),
+            lambda: self.service.visual_chat(message, image_source, history, settings, pipeline),
         )
         return replace(result, replies=LoggedReplies(result.replies, number))
