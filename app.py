@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     log.info(
         "Serving on http://%s:%d (OpenAI-compatible API under /v1)", config.server.host, config.server.port
     )
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level="warning")
+    # A stopped Space must stop: clients that keep connections open may not hold the shutdown forever.
+    server = config.server
+    uvicorn.run(app, host=server.host, port=server.port, log_level="warning", timeout_graceful_shutdown=10)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,11 @@ def soak_server_process(clients: int, minutes: float, max_slope_mb_per_min: floa
             runner.join(10)
     finally:
         server.terminate()
-        server.wait(60)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:  # reported, and the run's numbers kept
+            server.kill()
+            server.wait(60)
     late = samples[len(samples) // 2 :]
     slope = _slope(late) * 60 if len(late) > 1 else 0.0
     report = {f.name: getattr(tally, f.name) for f in fields(tally) if f.name != "lock"}
