@@ -23,6 +23,7 @@ from backend.model_status import LoadStatus, ModelInfo
 from backend.models.demo_text import DEMO_TEXT_MODEL
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import LoadedModel, ModelSpec, load_text_model, with_joint_plan
+from backend.placement.plans import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ModelHolder:
             name=self.loaded_name,
             location=str(loaded.path),
             quantization=loaded.spec.quantization,
-            dtype=str(loaded.dtype).removeprefix("torch."),
+            dtype=dtype_name(loaded.dtype),
             context_window=loaded.context_window,
             load_seconds=loaded.load_seconds,
             places=tuple(sorted({str(device) for device in loaded.plan.device_map.values()})),
