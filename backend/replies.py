@@ -21,6 +21,7 @@ class Reply:
     queue_position: int | None = None  # while waiting: 1 = next to start
     prompt_tokens: int | None = None  # the prompt's size as the model read it, for API usage counts
     seed_holds: bool | None = None  # the same seed gives this text alone or in any batch; None: not known
+    added: tuple = ()  # the TokenChoices this update added (streamed log-probabilities read them)
 
     @property
     def tokens_per_second(self) -> float:
@@ -78,6 +79,7 @@ def replies_from_updates(
             tokens=tuple(tokens) if update.finished else (),
             prompt_tokens=prompt_tokens,
             seed_holds=seed_holds,
+            added=(update.token,) if update.token is not None else (),
         )
 
 

@@ -20,6 +20,7 @@ MAX_STOP_WORDS = 16
 MAX_STOP_WORD_CHARS = 64
 MAX_SYSTEM_PROMPT_CHARS = 8_000
 MAX_ADAPTER_NAME_CHARS = 64
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class GenerationSettings:
     stop_words: tuple[str, ...] = ()
     system_prompt: str = "You are a helpful assistant."
     adapter: str = ""  # a LoRA adapter given at launch (--lora); "" is the base model
+    # Log-probabilities each generated token reports (the /v1 API's logprobs): -1 none, else the chosen
+    # token's and this many likeliest alternatives', under the model's raw distribution.
+    logprobs: int = -1
 
     def validated(self, limits: ServerLimits) -> GenerationSettings:
         """Return these settings checked against `limits`; raise InvalidSettings naming the field."""
@@ -81,6 +85,11 @@ class GenerationSettings:
         # Which names exist depends on the model: the chat service checks that.
         if not isinstance(self.adapter, str) or len(self.adapter) > MAX_ADAPTER_NAME_CHARS:
             raise InvalidSettings("adapter", f"must be a name of at most {MAX_ADAPTER_NAME_CHARS} chars")
+        check_int("logprobs", self.logprobs, -1, MAX_LOGPROBS)
+        if self.logprobs >= 0 and self.mode == "beam":
+            raise InvalidSettings(
+                "logprobs", "are not available with beam search; sample or greedy give them"
+            )
         return self
 
     def with_seed(self) -> GenerationSettings:
@@ -113,6 +122,11 @@ class GenerationSettings:
                 continue
             kwargs[f.name] = _coerce(f.name, raw, type(getattr(defaults, f.name)))
         return cls(**kwargs).validated(limits)
+
+
+def is_greedy(settings: GenerationSettings) -> bool:
+    """Temperature 0 in sample mode means greedy, as in most playgrounds and OpenAI's API."""
+    return settings.mode == "greedy" or (settings.mode == "sample" and settings.temperature == 0.0)
 
 
 def request_settings(values: Mapping[str, Any], limits: ServerLimits) -> GenerationSettings:

@@ -198,7 +198,7 @@ def test_next_tokens_api(client):
     assert len(raw) == 8 and raw == sorted(raw, reverse=True)
     kept = [token for token in result["tokens"] if token["p_final"] > 0]
     assert len(kept) == 3 and sum(token["p_final"] for token in kept) == pytest.approx(1.0, rel=1e-4)
-    assert set(result) == {"tokens", "entropy_raw", "entropy_final"}
+    assert set(result) == {"tokens", "entropy_raw", "entropy_final", "note"} and result["note"] is None
     with pytest.raises(Exception, match="'top_p'"):
         client.predict(text="x", top_p=0, api_name="/next_tokens")
 

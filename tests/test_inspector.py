@@ -28,10 +28,11 @@ def inspector(demo_model, demo_tokenizer):
 
 @pytest.fixture(scope="module")
 def reference(demo_model, demo_tokenizer):
-    """Plain softmax of the last-position logits, computed here without our code."""
+    """Plain softmax of the last-position logits over the tokenizer's tokens (the embedding is padded
+    past them), computed here without our code."""
     ids = demo_tokenizer(TEXT)["input_ids"]
     with torch.no_grad():
-        logits = demo_model(torch.tensor([ids])).logits[0, -1].double()
+        logits = demo_model(torch.tensor([ids])).logits[0, -1, : len(demo_tokenizer)].double()
     return ids, torch.softmax(logits, dim=-1)
 
 

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -312,6 +313,78 @@ def test_completions_stream_echo_and_batched_prompts(client, server):
     assert batch.usage.prompt_tokens == sum(single)
 
 
+def first_step_logprobs(server, prompt: str) -> torch.Tensor:
+    """The model's own next-token log-probabilities after `prompt`, computed here without the server."""
+    from backend.prompting import build_raw_prompt
+
+    loaded = server.holder.get()
+    ids = build_raw_prompt(loaded.tokenizer, prompt, 10_000).ids
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([ids])).logits[0, -1, : len(loaded.tokenizer)]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.slow
+def test_logprobs_are_the_models_raw_distribution_whatever_the_sampling_settings(client, server):
+    expected = first_step_logprobs(server, "The weather today is")
+    top = torch.topk(expected, 5)
+    for settings in ({"temperature": 0}, {"temperature": 1.7, "top_p": 0.5, "extra_body": {"top_k": 3}}):
+        reply = client.completions.create(
+            model=server.model, prompt="The weather today is", max_tokens=6, seed=3, logprobs=5, **settings
+        )
+        logprobs = reply.choices[0].logprobs
+        assert len(logprobs.tokens) == reply.usage.completion_tokens == len(logprobs.token_logprobs)
+        assert "".join(logprobs.tokens) == reply.choices[0].text
+        first = logprobs.top_logprobs[0]
+        assert len(first) == 5
+        assert sorted(first.values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-4)
+        chosen = server.holder.get().tokenizer.encode(logprobs.tokens[0], add_special_tokens=False)
+        assert logprobs.token_logprobs[0] == pytest.approx(float(expected[chosen[0]]), abs=1e-4)
+        assert logprobs.text_offset == [
+            sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))
+        ]
+
+
+@pytest.mark.slow
+def test_chat_logprobs_whole_and_streamed_agree(client, server):
+    asked = {"seed": 11, "max_tokens": 10, "logprobs": True, "top_logprobs": 3}
+    whole = chat(client, server, **asked).choices[0]
+    content = whole.logprobs.content
+    assert len(content) == chat(client, server, seed=11, max_tokens=10).usage.completion_tokens
+    assert "".join(entry.token for entry in content).strip() == whole.message.content.strip()
+    for entry in content:
+        assert entry.logprob <= 0 and bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+        assert len(entry.top_logprobs) == 3
+        listed = [alternative.logprob for alternative in entry.top_logprobs]
+        assert listed == sorted(listed, reverse=True) and entry.logprob <= listed[0] + 1e-6
+    streamed = [
+        entry
+        for chunk in chat(client, server, stream=True, **asked)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert chat(client, server, seed=11, max_tokens=4).choices[0].logprobs is None  # only when asked
+    greedy = chat(client, server, temperature=0, max_tokens=4, logprobs=True, top_logprobs=1).choices[0]
+    assert [e.token for e in greedy.logprobs.content] == [
+        e.top_logprobs[0].token for e in greedy.logprobs.content
+    ]
+
+
+@pytest.mark.slow
+def test_completion_logprobs_stream_and_refusals(client, server):
+    asked = {"model": server.model, "prompt": "Once upon", "max_tokens": 8, "seed": 2, "logprobs": 2}
+    whole = client.completions.create(**asked).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **asked) if c.choices]
+    streamed = [token for part in chunks if part for token in part.tokens]
+    offsets = [offset for part in chunks if part for offset in part.text_offset]
+    assert streamed == whole.tokens and offsets == whole.text_offset
+    for bad, param in (({"logprobs": 6}, "logprobs"), ({"echo": True}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(**{**asked, **bad})
+        assert refused.value.body["param"] == param
+
+
 @pytest.mark.slow
 def test_extensions_match_the_ui_settings_and_beam_search(client, server):
     from gradio_client import Client
@@ -374,7 +447,9 @@ def test_an_image_url_message_goes_to_the_vision_model(client, server, image_zoo
         ({"seed": -5}, "seed"),
         ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "extra_body": {"use_beam_search": True, "n": 2}}, "logprobs"),
         ({"extra_body": {"top_k": -5}}, "top_k"),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ({"extra_body": {"best_of": 3}}, "best_of"),

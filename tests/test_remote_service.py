@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from types import SimpleNamespace
 
@@ -38,6 +39,8 @@ def test_capabilities_decide_what_the_ui_disables():
     assert set(plain.unsupported()) == {"top_k", "repetition_penalty", "num_beams", "mode"}
     assert "vLLM extension" in plain.unsupported()["top_k"] and "openai" in plain.unsupported()["top_k"]
     assert RemoteCapabilities.from_model_card({"id": "x", "owned_by": "vllm"}).unsupported() == {}
+    llama_cpp = RemoteCapabilities.from_model_card({"id": "tiny.gguf", "owned_by": "me"})
+    assert "(tiny.gguf)" in llama_cpp.unsupported()["top_k"]  # not "(me)": llama.cpp's owned_by
     ours = RemoteCapabilities.from_model_card(OURS)
     assert set(ours.unsupported()) == {"num_beams", "mode"} and not ours.takes_images
     with gr.Blocks():
@@ -130,8 +133,79 @@ def test_a_streamed_reply_from_a_plain_openai_server():
     [sent] = transport.handler.requests
     assert sent["model"] == "gpt-x" and sent["stream"] is True and "top_k" not in sent
     assert sent["messages"][0] == {"role": "system", "content": GenerationSettings().system_prompt}
-    with pytest.raises(BadInput, match="Inspector"):
-        service.next_tokens("x", GenerationSettings(), 5)
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 3  # they colour the reply
+    assert final.tokens == ()  # this server sent none
+    with pytest.raises(BadInput, match="template"):
+        service.chat_context([], "")
+
+
+def entry(token: str, logprob: float, *alternatives: tuple[str, float]) -> dict:
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives]
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": top}
+
+
+def test_a_servers_logprobs_colour_the_reply_and_pass_on():
+    first = {"index": 0, "delta": {"content": " Hel"}, "finish_reason": None}
+    first["logprobs"] = {"content": [entry(" Hel", -0.5, (" Hel", -0.5), (" Hi", -1.5), ("!", -3.0))]}
+    second = {"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}
+    second["logprobs"] = {"content": [entry("lo", -0.1, ("lo", -0.1), ("p", -2.5), ("l", -4.0))]}
+    transport = fake_backend({"id": "m", "owned_by": "vllm"}, [{"choices": [first]}, {"choices": [second]}])
+    holder = RemoteHolder(OpenAIClient("http://backend:8000", transport=transport))
+    assert holder.load().state == "ready"
+    service = RemoteChatService(holder, ServerLimits())
+    replies = list(service.chat("Hi", [], GenerationSettings(seed=1, logprobs=1)))
+    assert [[token.text for token in reply.added] for reply in replies] == [[" Hel"], ["lo"], []]
+    final = replies[-1]
+    assert [token.text for token in final.tokens] == [" Hel", "lo"]
+    assert final.tokens[0].probability == pytest.approx(math.exp(-0.5))
+    assert final.tokens[0].alternatives[1] == (" Hi", pytest.approx(math.exp(-1.5)))
+    assert [alt[1:] for alt in final.tokens[1].top_logprobs] == [("lo", -0.1)]  # as many as asked
+    assert transport.handler.requests[0]["top_logprobs"] == 3  # at least what colouring needs
+
+
+def test_a_server_that_refuses_logprobs_is_asked_without_them_from_then_on():
+    asked = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "m", "owned_by": "tgi"}]})
+        sent = json.loads(request.content)
+        asked.append("logprobs" in sent)
+        if "logprobs" in sent:
+            return httpx.Response(400, json={"error": {"message": "logprobs is not supported"}})
+        body = f"data: {json.dumps(delta('Hi', 'stop'))}\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    holder = RemoteHolder(OpenAIClient("http://backend:8000", transport=httpx.MockTransport(handle)))
+    assert holder.load().state == "ready"
+    service = RemoteChatService(holder, ServerLimits())
+    assert list(service.chat("Hi", [], GenerationSettings(seed=1)))[-1].text == "Hi"
+    assert list(service.chat("Hi", [], GenerationSettings(seed=2)))[-1].text == "Hi"
+    assert asked == [True, False, False]
+    with pytest.raises(BadInput, match="logprobs"):  # asked for by the request itself: said, not dropped
+        service.chat("Hi", [], GenerationSettings(seed=3, logprobs=2))
+
+
+def test_the_inspectors_settings_over_a_servers_top_tokens_match_the_local_warpers():
+    """Given the whole distribution, remote mode's pure-Python warpers give what generation samples from."""
+    import torch
+
+    from backend.decode.inspector import final_probabilities
+    from backend.token_probs import warped
+
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(0)) * 3
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for settings in (
+        GenerationSettings(temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
+        GenerationSettings(temperature=1.3, top_k=7, top_p=1.0, repetition_penalty=1.0),
+        GenerationSettings(temperature=0.9, top_k=0, top_p=0.6, repetition_penalty=1.0),
+        GenerationSettings(temperature=0.5, top_k=12, top_p=0.8, repetition_penalty=1.0),
+        GenerationSettings(mode="greedy", repetition_penalty=1.0),
+    ):
+        expected = final_probabilities(logits, torch.tensor([[1]]), settings, 40)
+        greedy = settings.mode == "greedy"
+        got = warped(logprobs.tolist(), settings.temperature, settings.top_k, settings.top_p, greedy)
+        assert got == pytest.approx(expected.tolist(), abs=1e-5), settings
 
 
 def test_an_unreachable_backend_is_reported_and_retried():
@@ -213,6 +287,31 @@ def test_images_go_to_the_backend(front, image_zoo):
     bad, words = image_zoo["bad"]["bomb.png"]
     with pytest.raises(Exception, match=words):  # checked here, before the backend is asked
         front.client.predict(image=handle_file(str(bad)), api_name="/caption")
+
+
+@pytest.mark.slow
+def test_logprobs_and_the_inspector_through_the_front(front, upstream):
+    ask = {"messages": [{"role": "user", "content": "Hello"}], "seed": 2, "max_tokens": 6}
+    ask |= {"logprobs": True, "top_logprobs": 4}
+    here = openai.OpenAI(base_url=f"{front.url}/v1", api_key="none", max_retries=0)
+    there = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key=KEY, max_retries=0)
+    mine = here.chat.completions.create(model=upstream.model, **ask).choices[0].logprobs.content
+    theirs = there.chat.completions.create(model=upstream.model, **ask).choices[0].logprobs.content
+    assert mine and [(e.token, e.logprob, len(e.top_logprobs)) for e in mine] == [
+        (e.token, e.logprob, 4) for e in theirs
+    ]
+    settings = {"temperature": 0.8, "top_k": 2, "top_p": 1.0, "repetition_penalty": 1.0, "n": 5}
+    remote = front.client.predict(text="Once upon a time", api_name="/next_tokens", **settings)
+    local = upstream.client.predict(text="Once upon a time", api_name="/next_tokens", **settings)
+    assert [t["text"] for t in remote["tokens"]] == [t["text"] for t in local["tokens"]]
+    assert [t["p_raw"] for t in remote["tokens"]] == pytest.approx(
+        [t["p_raw"] for t in local["tokens"]], abs=1e-5
+    )
+    assert sum(t["p_final"] > 0 for t in remote["tokens"]) == 2  # top-k 2 over the listed tokens
+    assert "top 5" in remote["note"] and local["note"] is None
+    service = RemoteChatService(front.holder, ServerLimits())
+    greedy = GenerationSettings(mode="greedy", repetition_penalty=1.0)
+    assert service.step_text("Once upon a time", greedy) == "Once upon a time" + local["tokens"][0]["text"]
 
 
 @pytest.mark.slow

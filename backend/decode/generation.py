@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,22 +24,13 @@ from backend.decode.sampling import (
 from backend.decode.stopping import StopWordMatcher, safe_decode
 from backend.models.loading import input_device
 from backend.settings import GenerationSettings
+from backend.token_probs import TokenChoice
 
 # Prompt tokens decoded with the reply so that its first token keeps its leading space.
 DECODE_CONTEXT_TOKENS = 4
 
 
 ALTERNATIVES_SHOWN = 3
-
-
-@dataclass(frozen=True)
-class TokenChoice:
-    """One generated token as the sampler saw it, for colouring replies by probability."""
-
-    id: int
-    text: str  # what this token added to the reply
-    probability: float  # under the distribution it was drawn from
-    alternatives: tuple[tuple[str, float], ...]  # the likeliest tokens at that step
 
 
 @dataclass(frozen=True)
@@ -114,7 +105,8 @@ class RequestState:
 
     def step(self, logits: torch.Tensor) -> GenerationUpdate:
         """`logits` is this request's next-token row, shape [vocab]."""
-        return self.advance(self.process(logits[None, :])[0])
+        raw = logits if self.settings.logprobs >= 0 else None
+        return self.advance(self.process(logits[None, :])[0], raw)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply this request's warpers to `logits` rows [n, vocab].
@@ -140,8 +132,9 @@ class RequestState:
             return ("greedy",)
         return ("sample", settings.temperature, settings.top_k, settings.top_p)
 
-    def advance(self, scores: torch.Tensor) -> GenerationUpdate:
-        """Draw the next token from processed `scores` [vocab] with this request's own RNG."""
+    def advance(self, scores: torch.Tensor, raw_logits: torch.Tensor | None = None) -> GenerationUpdate:
+        """Draw the next token from processed `scores` [vocab] with this request's own RNG; with
+        `raw_logits`, the token also reports its log-probabilities under them."""
         scores = scores[None, :]
         if self.generator is None:
             self.generator = make_generator(self.settings.seed, scores.device)
@@ -156,6 +149,8 @@ class RequestState:
         last = len(self.generated) >= self.settings.max_new_tokens
         full_text = self.decoder.decode(self.generated)
         token = describe_choice(self.tokenizer, scores[0], next_id, full_text[len(self.previous_text) :])
+        if raw_logits is not None:
+            token = with_logprobs(token, self.tokenizer, raw_logits, self.vocab_size, self.settings.logprobs)
         self.previous_text = full_text
         cut = self.matcher.feed(full_text, final=last)
         # Never take back what was shown, even if a tokenizer re-decodes earlier text differently.
@@ -219,6 +214,17 @@ def describe_choice(tokenizer, scores: torch.Tensor, token_id: int, piece: str) 
         (safe_decode(tokenizer, [int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)
     )
     return TokenChoice(token_id, piece, float(probs[token_id]), alternatives)
+
+
+def with_logprobs(token: TokenChoice, tokenizer, logits: torch.Tensor, vocab_size: int, top: int):
+    """`token` with its log-probability and the `top` likeliest tokens' under raw `logits` [vocab]
+    (the model's own distribution, before repetition penalty, temperature, top-k and top-p)."""
+    logprobs = torch.log_softmax(mask_unknown_tokens(logits.float(), vocab_size), dim=-1)
+    values, ids = torch.topk(logprobs, min(top, vocab_size)) if top else (logprobs[:0], logprobs[:0])
+    listed = tuple(
+        (int(i), safe_decode(tokenizer, [int(i)]), float(v)) for v, i in zip(values, ids, strict=True)
+    )
+    return replace(token, logprob=float(logprobs[token.id]), top_logprobs=listed)
 
 
 def padded_token_ids(model, tokenizer) -> list[int]:

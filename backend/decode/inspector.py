@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -23,27 +22,10 @@ from backend.decode.stopping import safe_decode
 from backend.models.adapters import rows_using
 from backend.models.loading import input_device
 from backend.settings import GenerationSettings
+from backend.token_probs import NextTokens, TokenProbability
 
 MAX_LISTED_TOKENS = 100
 CACHED_CONTEXTS = 8  # moving a slider must not re-run the model over the same text
-
-
-@dataclass(frozen=True)
-class TokenProbability:
-    id: int
-    text: str
-    p_raw: float  # plain softmax of the logits
-    p_final: float  # after repetition penalty, temperature, top-k, top-p; 0 if removed
-
-
-@dataclass(frozen=True)
-class NextTokens:
-    tokens: list[TokenProbability]  # by p_raw, highest first
-    entropy_raw: float  # nats
-    entropy_final: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def entropy(probs: torch.Tensor) -> float:
@@ -90,7 +72,8 @@ class Inspector:
     def next_tokens(self, ids: list[int], settings: GenerationSettings, n: int) -> NextTokens:
         n = max(1, min(n, MAX_LISTED_TOKENS))
         logits = self.logits(ids, settings.adapter)
-        p_raw = torch.softmax(logits, dim=-1)
+        # Over the tokens the tokenizer has: a padded embedding's extra rows are never drawn (nor listed).
+        p_raw = torch.softmax(mask_unknown_tokens(logits, len(self.tokenizer)), dim=-1)
         p_final = final_probabilities(logits, torch.tensor([ids]), settings, len(self.tokenizer))
         top = torch.topk(p_raw, min(n, p_raw.numel()))
         tokens = [

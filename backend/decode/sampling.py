@@ -14,12 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from backend.settings import GenerationSettings
-
-
-def is_greedy(settings: GenerationSettings) -> bool:
-    """Temperature 0 in sample mode means greedy, as in most playgrounds and OpenAI's API."""
-    return settings.mode == "greedy" or (settings.mode == "sample" and settings.temperature == 0.0)
+from backend.settings import GenerationSettings, is_greedy  # is_greedy lives there: remote mode needs it
 
 
 def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:

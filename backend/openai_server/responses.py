@@ -7,6 +7,7 @@ stream; Started counts a request's prompt tokens for `usage`.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ class Started:
 
     streams: list[Iterator[Reply]]
     choices_per_prompt: int
+    logprobs: bool = False  # the client asked for each token's log-probabilities
 
     def prompt_tokens(self, finals: dict[int, Reply]) -> int:
         """Each prompt's size, as its engine put it on the replies (0 where one did not)."""
@@ -95,33 +97,84 @@ class Shape:
             "choices": choices,
         }
 
-    def chunk(self, index: int, text: str, first: bool, finish: str | None = None) -> dict:
+    def chunk(
+        self, index: int, text: str, first: bool, finish: str | None = None, tokens=None, offset: int = 0
+    ) -> dict:
+        """One choice's next piece; `tokens` (TokenChoice, or None when not asked for) are the tokens
+        generated since the last chunk, `offset` where this piece starts in the choice's text."""
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             prefix = self.prefixes[index] if first and self.prefixes else ""
             choice = {"index": index, "text": prefix + text, "logprobs": None, "finish_reason": finish}
+        if tokens is not None:
+            choice["logprobs"] = self.logprobs(tokens, offset)
         return self._envelope([choice], chunk=True)
+
+    def logprobs(self, tokens, offset: int = 0) -> dict:
+        """OpenAI's logprobs object for `tokens`: chat's `content` list or completions' four lists."""
+        return chat_logprobs(tokens) if self.chat else completion_logprobs(tokens, offset)
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope([], chunk=True), "usage": usage}
 
-    def whole(self, finals: dict[int, Reply], usage: dict) -> dict:
+    def whole(self, finals: dict[int, Reply], usage: dict, logprobs: bool = False) -> dict:
         choices = []
         for index, reply in sorted(finals.items()):
+            prefix = self.prefixes[index] if self.prefixes else ""
             choice = {
                 "index": index,
-                "logprobs": None,
+                "logprobs": self.logprobs(reply.tokens, len(prefix)) if logprobs else None,
                 "finish_reason": finish_reason(reply),
                 "seed": reply.seed,
             }
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": reply.text}
             else:
-                choice["text"] = (self.prefixes[index] if self.prefixes else "") + reply.text
+                choice["text"] = prefix + reply.text
             choices.append(choice)
         return {**self._envelope(choices, chunk=False), "usage": usage, "system_fingerprint": None}
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: OpenAI (and vLLM) write -9999.0 for a token that could not be drawn."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokens) -> dict:
+    """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}."""
+    content = [
+        {
+            "token": token.text,
+            "logprob": _finite(token.logprob),
+            "bytes": _utf8(token.text),
+            "top_logprobs": [
+                {"token": text, "logprob": _finite(logprob), "bytes": _utf8(text)}
+                for _, text, logprob in token.top_logprobs
+            ],
+        }
+        for token in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens, offset: int = 0) -> dict:
+    """The legacy shape: parallel lists, each token's text offset counted from the choice's start."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {
+        "tokens": [token.text for token in tokens],
+        "token_logprobs": [_finite(token.logprob) for token in tokens],
+        "top_logprobs": [{text: _finite(lp) for _, text, lp in token.top_logprobs} for token in tokens],
+        "text_offset": offsets,
+    }
 
 
 def sse(data: dict | str) -> str:

@@ -121,7 +121,7 @@ class OpenAIApi:
         except BaseException:
             close_all(streams)
             raise
-        return Started(streams, choices_per_prompt=len(streams))
+        return Started(streams, len(streams), logprobs=plan[0].logprobs >= 0)
 
     async def completions(self, request: Request) -> Response:
         body = parse_request(CompletionRequest, await read_json(request, self.body_limit))
@@ -153,7 +153,7 @@ class OpenAIApi:
         except BaseException:
             close_all(streams)
             raise
-        return Started(streams, choices_per_prompt=len(plan))
+        return Started(streams, len(plan), logprobs=plan[0].logprobs >= 0)
 
     async def _respond(
         self, request: Request, body: SamplingRequest, started: Started, shape: Shape
@@ -182,11 +182,23 @@ class OpenAIApi:
         finally:
             merged.close()
         usage = usage_of(await run_in_threadpool(started.prompt_tokens, finals), finals)
-        return JSONResponse(shape.whole(finals, usage))
+        return JSONResponse(shape.whole(finals, usage, logprobs=started.logprobs))
 
     async def _events(self, merged: Interleaved, first, started: Started, shape: Shape, include_usage: bool):
         sent: dict[int, str] = {}
         finals: dict[int, Reply] = {}
+        # With logprobs: each choice's tokens not yet sent, and where the next one starts in its text.
+        unsent: dict[int, list] | None = {} if started.logprobs else None
+        token_offsets: dict[int, int] = {}
+
+        def tokens_now(index: int):
+            if unsent is None:
+                return None, 0
+            tokens = unsent.pop(index, [])
+            start = token_offsets.get(index, len(shape.prefixes[index]) if shape.prefixes else 0)
+            token_offsets[index] = start + sum(len(token.text) for token in tokens)
+            return tokens, start
+
         try:
             item = first
             while item is not END:
@@ -195,14 +207,18 @@ class OpenAIApi:
                     yield f": waiting, number {reply.queue_position} in line\n\n"  # an SSE comment
                 else:
                     finals[index] = reply
+                    if unsent is not None and reply.added:
+                        unsent.setdefault(index, []).extend(reply.added)
                     previous = sent.get(index)
                     grows = reply.text.startswith(previous or "")  # never take back what was sent
                     delta = reply.text[len(previous or "") :] if grows else ""
                     if previous is None or delta:
-                        yield sse(shape.chunk(index, delta, first=previous is None))
+                        tokens, offset = tokens_now(index)
+                        yield sse(shape.chunk(index, delta, previous is None, None, tokens, offset))
                         sent[index] = reply.text if grows else previous
                     if reply.done:
-                        yield sse(shape.chunk(index, "", first=False, finish=finish_reason(reply)))
+                        tokens, offset = tokens_now(index)
+                        yield sse(shape.chunk(index, "", False, finish_reason(reply), tokens or None, offset))
                 item = await next_item(merged)
             if include_usage:
                 prompt_tokens = await run_in_threadpool(started.prompt_tokens, finals)

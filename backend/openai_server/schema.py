@@ -21,14 +21,14 @@ MAX_CHOICES = 8  # n × prompts per request: each choice is a full generation
 CHAT_MAX_TOKENS = GenerationSettings().max_new_tokens  # OpenAI: "the model's limit"; ours is finite
 COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 IMAGE_ONLY_QUESTION = "Describe the image."
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI allows
 # Our settings fields under the names a client used, for error messages.
 # Standard OpenAI parameters this server does not offer: accepted only at their neutral values.
 UNSUPPORTED = (
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
-    "logprobs",
-    "top_logprobs",
     "tools",
     "tool_choice",
     "suffix",
@@ -208,6 +208,7 @@ def plan_choices(
         "num_beams": width,
         "stop_words": [request.stop] if isinstance(request.stop, str) else list(request.stop or []),
         "system_prompt": system_prompt,
+        "logprobs": logprobs_wanted(request),
     }
     try:
         base = request_settings(values, limits)
@@ -216,6 +217,36 @@ def plan_choices(
         raise ApiError(400, str(error).replace(f"'{error.field}'", f"'{name}'"), name) from None
     seeds = [(base.seed + i) % (MAX_SEED + 1) for i in range(n)]
     return tuple(replace(base, seed=seed) for seed in seeds)
+
+
+def logprobs_wanted(request: SamplingRequest) -> int:
+    """-1 when the client did not ask for log-probabilities, else how many alternatives each token lists.
+
+    Chat asks with `logprobs: true` and `top_logprobs` (0-20); completions with `logprobs` (0-5).
+    """
+    if isinstance(request, ChatCompletionRequest):
+        top = request.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ApiError(
+                400, f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}, got {top}.", "top_logprobs"
+            )
+        if not request.logprobs:
+            if top:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+            return -1
+        return top or 0
+    number = getattr(request, "logprobs", None)
+    if number is None:
+        return -1
+    if not 0 <= number <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(
+            400, f"'logprobs' must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {number}.", "logprobs"
+        )
+    if getattr(request, "echo", False):
+        raise ApiError(
+            400, "'logprobs' with 'echo' (the prompt's log-probabilities) is not supported.", "logprobs"
+        )
+    return number
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from backend.errors import InvalidSettings
 from backend.settings import GenerationSettings
 
+NAMED_OWNERS = {"vllm", "sglang", "openai", "tgi", "chat-caption-playground"}
 # What servers that do not list their extensions (our /v1/models does) are known to take.
 KNOWN_SERVERS = {
     "vllm": frozenset({"top_k", "repetition_penalty", "use_beam_search"}),
@@ -26,7 +27,10 @@ class RemoteCapabilities:
 
     @classmethod
     def from_model_card(cls, card: dict) -> RemoteCapabilities:
-        server = str(card.get("owned_by") or "unknown")
+        owner = str(card.get("owned_by") or "")
+        # owned_by names the engine for some (vllm, sglang) and says nothing for others (llama.cpp: "me"):
+        # then the model's id names the server in messages.
+        server = owner if owner.lower() in NAMED_OWNERS else str(card.get("id") or owner or "unknown")
         listed = card.get("extensions")
         if isinstance(listed, list):
             return cls(server, frozenset(str(name) for name in listed), lists_extensions=True)

@@ -25,17 +25,25 @@ from backend.model_status import LoadStatus, ModelInfo
 from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
 from backend.remote.client import OpenAIClient
+from backend.remote.logprobs import (
+    COLOURING_ALTERNATIVES,
+    INSPECTOR_TOKENS,
+    logprob_params,
+    next_tokens_from,
+    tokens_of,
+)
 from backend.replies import Reply, ReplyStream
 from backend.request_stats import RequestStats
 from backend.settings import GenerationSettings, ServerLimits
+from backend.token_probs import NextTokens
 
 log = logging.getLogger(__name__)
 
 IMAGE_QUESTION = "Describe the image."
 RETRY_SECONDS = 5.0
-NOT_HERE = (
-    "The Inspector needs the model's logits, which an OpenAI-compatible backend does not give; "
-    "it works when this app runs the model itself (without --backend-url)."
+NO_TEMPLATE = (
+    "'Use the chat' needs the model's chat template, which the backend server applies itself and does "
+    "not give out; paste the text into the Inspector instead."
 )
 
 
@@ -140,6 +148,7 @@ class RemoteChatService:
         self.client = holder.client
         self.limits = limits
         self.stats = stats or RequestStats()
+        self._takes_logprobs = True  # until the server refuses them once
 
     def queue_stats(self) -> tuple[int, int]:
         return self.stats.snapshot().active_requests, 0  # the backend server queues out of our sight
@@ -174,14 +183,33 @@ class RemoteChatService:
         )
         return self._run("/chat/completions", {"messages": messages, **extra}, settings, chat=True)
 
-    def next_tokens(self, text: str, settings: GenerationSettings, n: int):
-        raise BadInput(NOT_HERE)
+    def next_tokens(self, text: str, settings: GenerationSettings, n: int) -> NextTokens:
+        """The Inspector from the server's top log-probabilities of the one next token (labelled so)."""
+        self.limits.check_text("Text", text)
+        model = self.holder.get()
+        payload = {"model": model.name, "prompt": text, "max_tokens": 1, "temperature": 0.0}
+        try:
+            result = self.client.post_json("/completions", {**payload, "logprobs": min(n, INSPECTOR_TOKENS)})
+        except BadInput as error:  # OpenAI's own limit for completions is 5 (so is ours)
+            if "logprobs" not in str(error):
+                raise
+            result = self.client.post_json("/completions", {**payload, "logprobs": min(n, 5)})
+        choice = (result.get("choices") or [{}])[0]
+        tops = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
+        if not isinstance(tops[0], dict) or not tops[0]:
+            raise BadInput(f"The backend server ({model.capabilities.server}) gave no log-probabilities.")
+        return next_tokens_from(tops[0], settings, n)
 
     def step_text(self, text: str, settings: GenerationSettings) -> str:
-        raise BadInput(NOT_HERE)
+        """`text` plus the one token the server draws next with these settings and seed."""
+        self.limits.check_text("Text", text)
+        model = self.holder.get()
+        payload, _ = sampling_payload(replace(settings, max_new_tokens=1), model.capabilities)
+        result = self.client.post_json("/completions", {**payload, "model": model.name, "prompt": text})
+        return text + str(((result.get("choices") or [{}])[0]).get("text") or "")
 
     def chat_context(self, history: list[Turn], system_prompt: str) -> str:
-        raise BadInput(NOT_HERE)
+        raise BadInput(NO_TEMPLATE)
 
     def _run(self, path: str, body: dict, settings: GenerationSettings, chat: bool) -> Iterator[Reply]:
         """Send now, so that a refusal raises before the caller shows anything; stream the rest."""
@@ -198,14 +226,30 @@ class RemoteChatService:
         if settings.mode == "beam":  # whole, like local beams; vLLM returns n beams, best first
             return self.stats.counted(self._beam(path, payload, settings, chat, notice))
         payload |= {"stream": True, "stream_options": {"include_usage": True}}
-        response = self.client.open_stream(path, payload)
+        response = self._open(path, payload, settings, chat)
         replies = self._streamed(response, settings, chat, notice, started)
         return ReplyStream(
             self.stats.counted(replies), response.close if response is not None else lambda: None
         )
 
+    def _open(self, path: str, payload: dict, settings: GenerationSettings, chat: bool):
+        """Ask for log-probabilities too (they colour the reply); a server that refuses them is asked
+        again without, and not asked for them again, unless the request itself wanted them."""
+        wanted = max(settings.logprobs, COLOURING_ALTERNATIVES)
+        if not self._takes_logprobs and settings.logprobs < 0:
+            return self.client.open_stream(path, payload)
+        try:
+            return self.client.open_stream(path, payload | logprob_params(chat, wanted))
+        except BadInput as error:
+            if "logprob" not in str(error).lower() or settings.logprobs >= 0:
+                raise
+            log.info("The backend server takes no logprobs; replies will not be coloured: %s", error)
+            self._takes_logprobs = False
+            return self.client.open_stream(path, payload)
+
     def _streamed(self, response, settings, chat: bool, notice, started: float) -> Iterator[Reply]:
         text, pieces, finish, usage, first = "", 0, None, {}, None
+        tokens, added = [], []  # all the tokens the server reported, and those not yet passed on
         try:
             for event in self.client.events(response):
                 usage = event.get("usage") or usage
@@ -213,6 +257,9 @@ class RemoteChatService:
                     if choice.get("index", 0) != 0:
                         continue
                     finish = choice.get("finish_reason") or finish
+                    reported = tokens_of(choice, chat, settings.logprobs)
+                    tokens += reported
+                    added += reported
                     piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     if not piece:
                         continue
@@ -220,12 +267,25 @@ class RemoteChatService:
                     now = time.perf_counter() - started
                     first = first if first is not None else now
                     shown = text.lstrip() if chat else text
-                    yield Reply(shown, False, pieces, now, settings.seed, settings.mode, None, notice, first)
+                    yield Reply(
+                        shown,
+                        False,
+                        pieces,
+                        now,
+                        settings.seed,
+                        settings.mode,
+                        None,
+                        notice,
+                        first,
+                        added=tuple(added),
+                    )
+                    added = []
         finally:
             response.close()
-        yield self._final(
+        final = self._final(
             text.lstrip() if chat else text, finish, usage, pieces, settings, notice, started, first
         )
+        yield replace(final, tokens=tuple(tokens), added=tuple(added))
 
     def _beam(self, path: str, payload: dict, settings, chat: bool, notice) -> Iterator[Reply]:
         """Posted when first asked for, so the UI shows that a beam search is running meanwhile."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
-from backend.decode.inspector import Inspector, NextTokens
+from backend.decode.inspector import Inspector
 from backend.errors import BadInput, ContextOverflow, InvalidSettings
 from backend.prompting import (
     Prompt,
@@ -22,6 +22,7 @@ from backend.replies import Reply, ReplyStream, replies_from_updates
 from backend.request_stats import RequestStats
 from backend.services.model_engine import ModelEngine
 from backend.settings import GenerationSettings, ServerLimits
+from backend.token_probs import NextTokens
 from backend.torch_threads import call_on_fresh_thread
 
 log = logging.getLogger(__name__)
