@@ -131,6 +131,9 @@ def test_view_escapes_tokens_and_marks_removed(service):
     assert "<img" not in page and "&lt;img" in page
     assert page.count('class="removed"') == 3
     assert not math.isnan(result["entropy_final"])
+    assert "source-note" not in page
+    remote = {**result, "note": "From the backend server's top 5 <log-probabilities>."}
+    assert "top 5 &lt;log-probabilities&gt;" in distribution_html(remote)  # said, and escaped
 
 
 def test_service_runs_the_forward_pass_on_a_thread_that_ends(service, monkeypatch):

@@ -16,6 +16,10 @@ def bar(width: float, kind: str) -> str:
     return f'<div class="bar {kind}" style="width:{max(0.0, min(width, 1.0)) * 100:.1f}%"></div>'
 
 
+def token_title(token_id: int) -> str:
+    return f"id {token_id}" if token_id >= 0 else "the backend server does not say token ids"
+
+
 def distribution_html(result: dict) -> str:
     """`result` is NextTokens.to_dict(); removed tokens (p_final 0) are struck through.
 
@@ -30,7 +34,7 @@ def distribution_html(result: dict) -> str:
         bars = bar(token["p_raw"] / scale, "raw") + bar(token["p_final"] / scale, "final")
         rows.append(
             f'<tr class="{"removed" if removed else "kept"}">'
-            f'<td class="token" title="id {token["id"]}"><code>{label}</code>{note}</td>'
+            f'<td class="token" title="{token_title(token["id"])}"><code>{label}</code>{note}</td>'
             f'<td class="bars">{bars}</td>'
             f'<td class="num">{token["p_raw"]:.3f}</td><td class="num">{token["p_final"]:.3f}</td></tr>'
         )
@@ -39,4 +43,5 @@ def distribution_html(result: dict) -> str:
         f'<p class="entropy">Entropy (nats): raw {result["entropy_raw"]:.3f} · '
         f"after warpers {result['entropy_final']:.3f}</p>"
     )
-    return f'<table class="inspector">{header}{"".join(rows)}</table>{entropy}'
+    source = f'<p class="source-note">{html.escape(result["note"])}</p>' if result.get("note") else ""
+    return f'<table class="inspector">{header}{"".join(rows)}</table>{entropy}{source}'
