@@ -325,3 +325,117 @@ def test_system_tab_shows_the_model_and_live_numbers(page, server):
     expect(page.locator("#system-model")).to_contain_text(holders[0].loaded_name)
     expect(page.locator("#system-stats")).to_contain_text("Active requests")
     expect(page.locator("#system-plan")).to_contain_text("Device plan")
+
+
+# --- the keyboard, maths and phones -------------------------------------------------------------
+
+
+def user_texts(page) -> list[str]:
+    return page.locator("#chatbot [data-testid='user']").all_inner_texts()
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(page):
+    set_max_new_tokens(page, 8)
+    box = page.locator("#message textarea")
+    box.click()
+    box.press_sequentially("Hello")
+    box.press("Shift+Enter")
+    box.press_sequentially("there")
+    # Gradio cancels the Enter it sends on, so the line break shows that Shift+Enter sent nothing.
+    expect(box).to_have_value("Hello\nthere")
+    assert user_texts(page) == []
+    box.press("Enter")
+    stats_note(page)
+    assert user_texts(page) == ["Hello\nthere"]
+    expect(box).to_have_value("")
+
+
+COMPOSE_AND_PRESS_ENTER = """(box, safari) => {
+    // An input method's Enter: Chrome sends it while composing; Safari just after compositionend,
+    // with keyCode 229. Gradio sends from keypress, so both events go; it cancels an Enter it sends on.
+    const key = {key: "Enter", code: "Enter", bubbles: true, cancelable: true};
+    box.dispatchEvent(new CompositionEvent("compositionstart", {bubbles: true}));
+    if (safari) box.dispatchEvent(new CompositionEvent("compositionend", {bubbles: true, data: "日本"}));
+    const down = new KeyboardEvent("keydown", {...key, keyCode: 229, isComposing: !safari});
+    const press = new KeyboardEvent("keypress", {...key, keyCode: 13, charCode: 13, isComposing: !safari});
+    box.dispatchEvent(down);
+    box.dispatchEvent(press);
+    if (!safari) box.dispatchEvent(new CompositionEvent("compositionend", {bubbles: true, data: "日本"}));
+    return [down.defaultPrevented, press.defaultPrevented];
+}"""
+
+
+def test_enter_that_ends_an_input_method_composition_sends_nothing(page):
+    set_max_new_tokens(page, 8)
+    expect(page.locator("html[data-ime-guard='on']")).to_have_count(1)  # the page's guard is in place
+    box = page.locator("#message textarea")
+    box.fill("日本")
+    for safari in (False, True):
+        assert box.evaluate(COMPOSE_AND_PRESS_ENTER, safari) == [False, False], f"Safari: {safari}"
+    expect(box).to_have_value("日本")
+    assert user_texts(page) == []
+    box.press("Enter")  # the composition is over: Enter sends, once
+    stats_note(page)
+    assert user_texts(page) == ["日本"]
+
+
+def test_enter_runs_the_caption_question(page):
+    set_max_new_tokens(page, 8)
+    page.get_by_role("tab", name="Caption").click()
+    page.locator("#caption-image input[type='file']").set_input_files(HOUSE)
+    expect(page.locator("#caption-image img")).to_be_visible()
+    question = page.locator("#caption-prompt textarea")
+    question.press_sequentially("What is it?")
+    question.press("Enter")
+    expect(page.locator("#caption-stats")).to_contain_text("tok/s", timeout=WAIT_MS)
+    expect(question).to_have_value("What is it?")
+
+
+MATHS_MESSAGE = r"""Area $x^2$ and sum \(a+b\). It costs $5 and $10.
+
+```python
+re.compile(r"\(\d+\)")
+echo = '$HOME' + "$PATH"
+```"""
+CODE = 're.compile(r"\\(\\d+\\)")\necho = \'$HOME\' + "$PATH"'
+
+
+def test_maths_renders_while_prices_and_code_stay_as_typed(page):
+    set_max_new_tokens(page, 8)
+    send(page, MATHS_MESSAGE)  # the user's message is rendered by the same Chatbot as the replies
+    stats_note(page)
+    message = page.locator("#chatbot [data-testid='user']")
+    expect(message.locator(".katex")).to_have_count(2)
+    expect(message.locator(".katex annotation")).to_have_text(["x^2", "a+b"])
+    expect(message.locator("p").first).to_contain_text("It costs $5 and $10.")
+    code = message.locator("pre code")
+    expect(code).to_have_text(CODE)
+    expect(code.locator(".token.string").first).to_be_visible()  # still highlighted
+    expect(message.locator("pre .katex")).to_have_count(0)
+
+
+def test_phone_shows_the_message_box_on_the_first_screen(browser, server, tmp_path):
+    url, _ = server
+    phone = {"width": 390, "height": 844}
+    context = browser.new_context(viewport=phone, is_mobile=True, has_touch=True, device_scale_factor=3)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url)
+        box = page.locator("#message textarea")
+        expect(box).to_be_visible()
+        expect(page.locator("#banner summary")).to_contain_text("Demo mode")
+        expect(page.locator("#banner details")).not_to_have_attribute("open", "")
+        expect(page.get_by_role("button", name="Generation settings")).to_have_count(1)  # an accordion
+        page.screenshot(path=str(tmp_path / "phone.png"))
+        screen = page.evaluate("() => [window.innerWidth, window.innerHeight, window.scrollY]")
+        assert screen == [390, 844, 0]
+        for element in (box, page.locator("#send")):  # whole, on the first screen
+            rect = element.bounding_box()
+            assert rect["x"] >= 0 and rect["x"] + rect["width"] <= 390, rect
+            assert rect["y"] >= 0 and rect["y"] + rect["height"] <= 844, rect
+        settings = page.get_by_role("button", name="Generation settings").bounding_box()
+        assert settings["y"] > page.locator("#send").bounding_box()["y"], "the settings come first"
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 390, "it scrolls sideways"
+    finally:
+        context.close()

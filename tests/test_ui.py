@@ -15,12 +15,17 @@ import pytest
 
 from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec
+from backend.prompting import Turn
+from backend.request_stats import RequestStats
 from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
+from ui.banner import banner_markdown
+from ui.chat_text import LATEX_DELIMITERS, MARK, as_typed, shown
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat
 from ui.handlers import chat_turn, complete_text, regenerate, undo
 from ui.messages import history_to_turns, note, text_of
+from ui.system_tab import axis_limits, build_system_tab, plan_html
 from ui.token_view import tokens_html
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +59,8 @@ def test_ui_never_imports_model_code():
 def test_controls_match_settings_fields():
     with gr.Blocks():
         controls = build_controls(LIMITS)
-    assert set(controls) == set(GenerationSettings.field_names())
+    # logprobs is asked for through /v1 only; the UI colours replies by probability instead.
+    assert set(controls) == set(GenerationSettings.field_names()) - {"logprobs"}
     defaults = GenerationSettings()
     values = {name: component.value for name, component in controls.items()}
     assert GenerationSettings.from_inputs(values, LIMITS) == GenerationSettings.from_inputs(
@@ -219,3 +225,75 @@ def test_stats_count_finished_and_cancelled_requests(demo_text_dir):
     snapshot = service.stats.snapshot()
     assert (snapshot.finished_requests, snapshot.cancelled_requests, snapshot.active_requests) == (1, 1, 0)
     assert snapshot.tokens_per_second > 0
+
+
+def test_shown_marks_maths_for_katex_and_leaves_prices_and_code_alone():
+    assert shown(r"Area $x^2$, \(a+b\), $$\frac12$$ and \[y\]") == (
+        rf"Area ${MARK}x^2{MARK}$, \({MARK}a+b{MARK}\), $${MARK}\frac12{MARK}$$ and \[{MARK}y{MARK}\]"
+    )
+    # The Chatbot renders marked delimiters only: Gradio itself would pair any two "$" or "\(".
+    assert all(MARK in d["left"] and MARK in d["right"] for d in LATEX_DELIMITERS)
+    as_is = [
+        "It costs $5 and $10.",
+        "$5+$10, $ x$, $x $ and $x$5",
+        "`$a` and `$b \\(x\\)`",
+        "```sh\necho $HOME $PATH | grep '\\(a\\)'\n```",
+        "\\$5 and \\$10",
+    ]
+    for text in as_is:
+        assert shown(text) == text
+    typed = [*as_is, "x <b> & $a<b$ $$", "$$\n\\frac12\n$$ at $3", "a \u2060 b", "$5 and $x$"]
+    for text in typed:
+        assert as_typed(shown(text)) == text
+    history = [
+        {"role": "user", "content": shown("$x^2$ costs $5 & $6")},
+        {"role": "assistant", "content": shown("$y$")},
+    ]
+    assert history_to_turns(history) == [Turn("$x^2$ costs $5 & $6", "$y$")]
+    assert undo(history, 1) == ("$x^2$ costs $5 & $6", [])
+
+
+# Characters only an emoji font draws (enough of Unicode's Emoji_Presentation for our marks).
+EMOJI = re.compile("[\u231a\u231b\u23e9-\u23f3\u26d4\u2705\u274c\u274e\u2753-\u2757\U0001f000-\U0001faff]")
+
+
+def fake_holder(state: str, is_demo: bool = False):
+    status = SimpleNamespace(
+        state=state, stage="Reading weights", fraction=0.4, fallback_reason="offline", note=None
+    )
+    return SimpleNamespace(status=lambda: status, is_demo=is_demo, loaded_name="org/model")
+
+
+@pytest.mark.parametrize(
+    ("text", "words", "emoji_allowed"),
+    [
+        (lambda: banner_markdown([("chat", fake_holder("ready"))]), "Chat model ready", False),
+        (lambda: banner_markdown([("chat", fake_holder("failed"))]), "chat model could not be loaded", False),
+        (lambda: banner_markdown([("chat", fake_holder("loading"))]), "Loading the chat model", True),
+        (lambda: banner_markdown([("chat", fake_holder("ready", is_demo=True))]), "Demo mode", True),
+        (lambda: plan_html({"fits": True, "devices": [], "warnings": []}), "Fits", False),
+        (lambda: plan_html({"fits": False, "devices": [], "warnings": []}), "Does not fit", False),
+    ],
+)
+def test_marks_say_their_meaning_in_words_not_in_emoji(text, words, emoji_allowed):
+    """Without an emoji font (a bare Chromium) an emoji is an empty box."""
+    shown_text = text()
+    assert words in EMOJI.sub("", shown_text)
+    assert emoji_allowed or not EMOJI.search(shown_text), shown_text
+
+
+def test_idle_throughput_chart_has_a_readable_scale():
+    """An all-zero chart left to Vega labels its axes "0.000000"."""
+    assert axis_limits(SimpleNamespace(history=[])) == {"x_lim": [-119.0, 0.0], "y_lim": [0.0, 1.0]}
+    assert axis_limits(SimpleNamespace(history=[(1.0, 0.0), (0.0, 0.0)]))["y_lim"] == [0.0, 1.0]
+    assert axis_limits(SimpleNamespace(history=[(1.0, 37.5), (0.0, 2.0)]))["y_lim"] == [0.0, 37.5]
+    holder = SimpleNamespace(
+        choices=[], status=lambda: SimpleNamespace(state="loading", stage="Loading"), plan_report=lambda: None
+    )
+    service = SimpleNamespace(holder=holder, stats=RequestStats(), kv_usage=lambda: None)  # nothing generated
+    with gr.Blocks() as demo, gr.Tabs():
+        build_system_tab(demo, service)
+    plot = next(block for block in demo.blocks.values() if isinstance(block, gr.LinePlot))
+    refresh = next(function.fn for function in demo.fns.values() if plot in function.outputs)
+    for drawn in (plot, refresh()[-1]):  # as built, and as the page's timer redraws it
+        assert drawn.x_lim == [-119.0, 0.0] and drawn.y_lim == [0.0, 1.0]

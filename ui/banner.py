@@ -10,8 +10,21 @@ DEMO_HELP = (
 )
 
 
+def demo_warning(roles: list[str], reasons: list[str]) -> str:
+    """One line that says it all, the help folded under it so that it never pushes the chat off a phone."""
+    summary = (
+        f"⚠️ <b>Demo mode ({' and '.join(roles)})</b>: the replies are gibberish. "
+        "Why, and how to use real models"
+    )
+    body = "\n\n".join([DEMO_HELP, *reasons])
+    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
+
+
 def banner_markdown(models: list[tuple[str, object]]) -> str:
-    """Markdown for the banner from (role, ModelHolder) pairs, e.g. ("chat", holder)."""
+    """Markdown for the banner from (role, ModelHolder) pairs, e.g. ("chat", holder).
+
+    Each mark also says its meaning in words: without an emoji font it shows as an empty box.
+    """
     lines, demo_roles, reasons = [], [], []
     for role, holder in models:
         status = holder.status()
@@ -19,15 +32,15 @@ def banner_markdown(models: list[tuple[str, object]]) -> str:
             progress = f" — {status.fraction:.0%}" if status.fraction is not None else ""
             lines.append(f"⏳ **Loading the {role} model…** {status.stage}{progress}.")
         elif status.state == "failed":
-            lines.append(f"❌ **The {role} model could not be loaded.** {status.stage}")
+            lines.append(f"✗ **The {role} model could not be loaded.** {status.stage}")
         elif holder.is_demo:
             demo_roles.append(role)
             if status.fallback_reason:
                 reasons.append(f"_{status.fallback_reason}._")
         else:
-            lines.append(f"✅ {role.capitalize()} model: `{holder.loaded_name}`")
+            lines.append(f"✓ {role.capitalize()} model ready: `{holder.loaded_name}`")
         if status.state == "ready" and getattr(status, "note", None):
             lines.append(f"⚠️ {status.note}")
     if demo_roles:
-        lines.insert(0, f"⚠️ **Demo mode ({' and '.join(demo_roles)}).** {DEMO_HELP}")
-    return "\n\n".join(lines + reasons)
+        lines.insert(0, demo_warning(demo_roles, reasons))
+    return "\n\n".join(lines)

@@ -46,8 +46,10 @@ def build_caption_tab(limits_text: str) -> CaptionTab:
                 prompt = gr.Textbox(
                     label="Question (optional)",
                     elem_id="caption-prompt",
-                    lines=2,
-                    placeholder="Empty for a caption, or ask e.g. 'What colour is the house?'",
+                    lines=1,  # Enter captions, Shift+Enter adds a line (lines > 1 would swap them)
+                    max_lines=6,
+                    placeholder="Empty for a caption, or ask e.g. 'What colour is the house?'; Enter runs it",
+                    html_attributes=gr.InputHTMLAttributes(enterkeyhint="go"),
                 )
                 output = gr.Textbox(label="Caption", elem_id="caption-output", lines=4, interactive=False)
                 stats = gr.Markdown(elem_id="caption-stats", elem_classes="stats")
@@ -78,7 +80,7 @@ def caption_image(
     reply = None
     try:
         for reply in replies:
-            yield reply.text, "⏳ " + reply.stats_line()
+            yield reply.text, "⏳ So far: " + reply.stats_line()
     except Exception as error:
         report(error)
         yield (reply.text if reply else ""), f"⚠️ {failure_message(error)}"
@@ -97,5 +99,8 @@ def wire_caption(
         yield from caption_image(captioning, limits, data[tab.image], data[tab.prompt], values)
 
     inputs = {tab.image, tab.prompt} | set(controls.values())
-    event = tab.run.click(on_caption, inputs, [tab.output, tab.stats], **generation)
-    tab.stop.click(None, None, None, cancels=[event])
+    events = [
+        tab.run.click(on_caption, inputs, [tab.output, tab.stats], **generation),
+        tab.prompt.submit(on_caption, inputs, [tab.output, tab.stats], **generation),
+    ]
+    tab.stop.click(None, None, None, cancels=events)

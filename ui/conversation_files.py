@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import tempfile
 import time
@@ -13,14 +12,15 @@ import gradio as gr
 from backend.conversation_io import export_conversation, parse_conversation
 from backend.errors import UserError
 from backend.settings import GenerationSettings, ServerLimits
-from ui.handlers import report, shown
+from ui.chat_text import as_typed, shown
+from ui.handlers import report
 from ui.messages import is_note, text_of
 
 
 def plain_messages(history: list[dict]) -> list[dict[str, str]]:
     """The conversation as typed and generated: no notes, no display escaping."""
     return [
-        {"role": m["role"], "content": html.unescape(text_of(m.get("content")))}
+        {"role": m["role"], "content": as_typed(text_of(m.get("content")))}
         for m in history or []
         if m.get("role") in ("user", "assistant") and not is_note(m)
     ]

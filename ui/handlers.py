@@ -5,7 +5,6 @@ The conversation is never lost: on any error the history is returned as it was, 
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,17 +14,13 @@ import gradio as gr
 from backend.contracts import ChatBackend, ChatDecorator, VisionBackend, VisionDecorator
 from backend.errors import UserError
 from backend.settings import ServerLimits, request_settings
+from ui.chat_text import as_typed, shown
 from ui.messages import history_to_turns, is_note, note, text_of
 from ui.token_view import tokens_html
 
 log = logging.getLogger(__name__)
 
 BEAM_NOTE = "Beam search runs to the end before showing anything (it cannot stream)."
-
-
-def shown(text: str) -> str:
-    """Escape so that typed or generated HTML is shown as text; `ui.messages` unescapes it."""
-    return html.escape(text, quote=False)
 
 
 def failure_message(error: Exception) -> str:
@@ -104,7 +99,7 @@ def regenerate(service, limits, history, index: int, values, colour=False, new_t
     if start is None:
         yield "", history, ""
         return
-    message = new_text if new_text is not None else html.unescape(text_of(history[start]["content"]))
+    message = new_text if new_text is not None else as_typed(text_of(history[start]["content"]))
     yield from chat_turn(service, limits, message, list(history[:start]), values, colour)
 
 
@@ -113,7 +108,7 @@ def undo(history: list[dict], index: int) -> tuple[str, list[dict]]:
     start = last_user_index(list(history or []), index)
     if start is None:
         return "", history
-    return html.unescape(text_of(history[start]["content"])), list(history[:start])
+    return as_typed(text_of(history[start]["content"])), list(history[:start])
 
 
 def complete_text(
@@ -134,7 +129,7 @@ def complete_text(
             if reply.queue_position:
                 yield text, f"⏳ Waiting for a free slot: number {reply.queue_position} in line"
                 continue
-            yield text + reply.text, "⏳ " + reply.stats_line()
+            yield text + reply.text, "⏳ So far: " + reply.stats_line()
     except Exception as error:
         report(error)
         yield text + (reply.text if reply else ""), f"⚠️ {failure_message(error)}"

@@ -13,17 +13,21 @@ from backend.zero_gpu import on_gpu
 from ui.api import register_api
 from ui.banner import banner_markdown
 from ui.caption_tab import build_caption_tab, wire_caption
+from ui.chat_text import LATEX_DELIMITERS, as_typed
 from ui.controls import build_controls
 from ui.conversation_files import export_chat, import_chat
 from ui.handlers import chat_turn, complete_text, metered_chat, metered_vision, regenerate, undo
 from ui.inspector_tab import build_inspector_tab, wire_inspector
+from ui.page import ENTER_GUARD_JS, PAGE_CSS
 from ui.system_tab import build_system_tab
 from ui.visual_chat import PIPELINE_CHOICES, needs_vision_model, visual_turn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-CSS = (ASSETS / "style.css").read_text()
+CSS = (ASSETS / "style.css").read_text() + PAGE_CSS
 EXAMPLE_PROMPTS = json.loads((ASSETS / "example_prompts.json").read_text())
 TITLE = "Chat & caption playground"
+MESSAGE_PLACEHOLDER = "Message: Enter sends, Shift+Enter adds a line. Attach an image to ask about it"
+SEND_HINT = gr.InputHTMLAttributes(enterkeyhint="send")  # the phone keyboard's Enter key says "send"
 EMPTY_BOX = {"text": "", "files": []}
 
 
@@ -42,27 +46,35 @@ def build_ui(
         return any(h.status().state == "loading" for _, h in models)
 
     with gr.Blocks(title=TITLE) as demo:
-        gr.Markdown(f"# {TITLE}")
+        gr.Markdown(f"# {TITLE}", elem_id="title")
         banner_box = gr.Markdown(banner_markdown(models), elem_id="banner")
         with gr.Row():
             with gr.Column(scale=3), gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
-                    chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=520, editable="user")
+                    chatbot = gr.Chatbot(
+                        elem_id="chatbot",
+                        label="Conversation",
+                        height=520,
+                        editable="user",
+                        latex_delimiters=LATEX_DELIMITERS,
+                    )
                     message = gr.MultimodalTextbox(
                         elem_id="message",
                         show_label=False,
-                        lines=2,
+                        lines=1,  # with lines > 1 Gradio sends on Shift+Enter instead; the box still grows
                         max_lines=10,
                         submit_btn=False,
                         file_types=["image"],
                         file_count="multiple",
                         sources=["upload"],
-                        placeholder="Type a message and press Enter; attach an image to talk about it",
+                        placeholder=MESSAGE_PLACEHOLDER,
+                        html_attributes=SEND_HINT,
                     )
                     with gr.Row():
-                        send = gr.Button("Send", variant="primary", elem_id="send")
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                        clear = gr.Button("Clear", elem_id="clear")
+                        # min_width: one row on a phone too, so Send stays on the first screen
+                        send = gr.Button("Send", variant="primary", elem_id="send", min_width=80)
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
+                        clear = gr.Button("Clear", elem_id="clear", min_width=80)
                     gr.Examples(
                         [[{"text": p, "files": []}] for p in EXAMPLE_PROMPTS], inputs=[message], label="Try"
                     )
@@ -147,7 +159,7 @@ def build_ui(
                 event.index,
                 values_of(data),
                 data[colour],
-                new_text=event.value,
+                new_text=as_typed(event.value),  # the edit box shows the message as stored, escaped
             )
 
         def on_undo(history, event: gr.UndoData):
@@ -187,6 +199,7 @@ def build_ui(
         )
         stop_completion.click(None, None, None, cancels=[completion])
 
+        demo.load(None, None, None, js=ENTER_GUARD_JS, **private)
         timer = gr.Timer(1.0, active=loading())
 
         def refresh_banner():

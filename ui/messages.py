@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 from backend.prompting import Turn, with_image_description
+from ui.chat_text import as_typed
 
 CAPTION_NOTE_ID = "image-caption"
 
@@ -36,14 +36,12 @@ def history_to_turns(history: list[dict]) -> list[Turn]:
             continue
         if is_caption_note(message) and pending_user is not None:
             # The caption -> chat pipeline: the description stays part of that turn for later replies.
-            pending_user = with_image_description(
-                html.unescape(text_of(message.get("content"))), pending_user
-            )
+            pending_user = with_image_description(as_typed(text_of(message.get("content"))), pending_user)
             continue
         if is_note(message):
             continue
-        # The UI escapes what it shows (see ui.handlers.shown); the model gets the text as typed.
-        role, text = message.get("role"), html.unescape(text_of(message.get("content")))
+        # The UI escapes what it shows (see ui.chat_text.shown); the model gets the text as typed.
+        role, text = message.get("role"), as_typed(text_of(message.get("content")))
         if role == "user":
             pending_user = text
         elif role == "assistant" and pending_user is not None:

@@ -8,6 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from backend.errors import UserError
+from backend.request_stats import WINDOW_SECONDS
 
 # Bar colours: weights, room kept for the KV cache and activations.
 WEIGHTS_COLOUR, RESERVED_COLOUR, OVER_COLOUR = "#3b82f6", "#f59e0b", "#dc2626"
@@ -88,7 +89,7 @@ def plan_html(report: dict | None) -> str:
     """The device plan as a picture (backend's plain data from `LoadedModel.system_report()`)."""
     if not report:
         return ""
-    verdict = "✅ Fits" if report["fits"] else "⛔ Does not fit: some parts go to disk"
+    verdict = "✓ Fits" if report["fits"] else "✗ Does not fit: some parts go to disk"  # words: no emoji font
     legend = (
         f'<span style="color:{WEIGHTS_COLOUR}">■</span> weights '
         f'<span style="color:{RESERVED_COLOUR}">■</span> reserved for KV cache and activations '
@@ -121,6 +122,12 @@ def stats_markdown(snapshot, waiting: int | None, kv_usage: tuple[int, int | Non
 def history_frame(snapshot) -> pd.DataFrame:
     rows = snapshot.history or [(0.0, 0.0)]
     return pd.DataFrame({"seconds ago": [-ago for ago, _ in rows], "tokens/s": [tps for _, tps in rows]})
+
+
+def axis_limits(snapshot) -> dict[str, list[float]]:
+    """Fixed axes for the chart: left to itself, an idle chart's all-zero axes read "0.000000"."""
+    peak = max((tps for _, tps in snapshot.history), default=0.0)
+    return {"x_lim": [1.0 - WINDOW_SECONDS, 0.0], "y_lim": [0.0, max(1.0, peak)]}
 
 
 def build_model_switch(role: str, holder) -> gr.events.Dependency | None:
@@ -156,11 +163,13 @@ def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.ev
         model_info = gr.Markdown(elem_id="system-model")
         plan = gr.HTML(elem_id="system-plan")
         stats = gr.Markdown(elem_id="system-stats")
+        snapshot = service.stats.snapshot()
         plot = gr.LinePlot(
-            history_frame(service.stats.snapshot()),
+            history_frame(snapshot),
             x="seconds ago",
             y="tokens/s",
-            title="Generated tokens per second (last 2 minutes)",
+            **axis_limits(snapshot),
+            title=f"Generated tokens per second (last {WINDOW_SECONDS // 60} minutes)",
             height=220,
             elem_id="system-plot",
         )
@@ -171,7 +180,7 @@ def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.ev
             model_markdown(service.holder),
             plan_html(service.holder.plan_report()),
             stats_markdown(snapshot, queue_length(demo), service.kv_usage()),
-            history_frame(snapshot),
+            gr.LinePlot(history_frame(snapshot), **axis_limits(snapshot)),
         )
 
     outputs = [model_info, plan, stats, plot]

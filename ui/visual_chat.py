@@ -7,7 +7,8 @@ from typing import Any
 
 from backend.errors import BadInput
 from backend.settings import ServerLimits, request_settings
-from ui.handlers import refusal, shown, stream_reply
+from ui.chat_text import shown
+from ui.handlers import refusal, stream_reply
 from ui.messages import caption_note, history_to_turns, latest_image
 
 PIPELINE_CHOICES = [
