@@ -21,6 +21,9 @@ class TokenChoice:
     # likeliest tokens' (id, text, logprob), under the model's raw distribution (before any warper).
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, str, float], ...] = ()
+    # Its bytes, as OpenAI's logprobs report them: () for its text's UTF-8, None where a backend
+    # server did not say (llama.cpp sends null).
+    utf8: tuple[int, ...] | None = ()
 
 
 @dataclass(frozen=True)

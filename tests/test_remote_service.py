@@ -40,7 +40,10 @@ def test_capabilities_decide_what_the_ui_disables():
     assert "vLLM extension" in plain.unsupported()["top_k"] and "openai" in plain.unsupported()["top_k"]
     assert RemoteCapabilities.from_model_card({"id": "x", "owned_by": "vllm"}).unsupported() == {}
     llama_cpp = RemoteCapabilities.from_model_card({"id": "tiny.gguf", "owned_by": "me"})
-    assert "(tiny.gguf)" in llama_cpp.unsupported()["top_k"]  # not "(me)": llama.cpp's owned_by
+    assert llama_cpp.engine == "llama.cpp" and set(llama_cpp.unsupported()) == {"num_beams", "mode"}
+    assert "(tiny.gguf)" in llama_cpp.unsupported()["mode"]  # not "(me)": llama-cpp-python's owned_by
+    assert not llama_cpp.takes_images and "llama.cpp" in llama_cpp.images_off_reason()
+    assert plain.takes_images and plain.images_off_reason() is None
     ours = RemoteCapabilities.from_model_card(OURS)
     assert set(ours.unsupported()) == {"num_beams", "mode"} and not ours.takes_images
     with gr.Blocks():
@@ -74,6 +77,12 @@ def test_settings_become_openai_parameters():
     assert beam["use_beam_search"] is True and beam["n"] == 3  # vLLM >= 0.6: the width is n
     with pytest.raises(InvalidSettings, match="'mode'.*no beam search"):
         sampling_payload(GenerationSettings(mode="beam"), plain)
+    llama_cpp = RemoteCapabilities.from_model_card({"id": "tiny.gguf", "owned_by": "me"})
+    payload, left_out = sampling_payload(GenerationSettings(mode="greedy", repetition_penalty=1.0), llama_cpp)
+    # llama.cpp's own samplers (repeat_penalty 1.1, top_k 40, min_p 0.05 unless told) are set to do nothing
+    assert payload | {"top_k": 0, "repeat_penalty": 1.0, "min_p": 0.0} == payload and left_out == []
+    payload, _ = sampling_payload(settings, llama_cpp)
+    assert (payload["top_k"], payload["repeat_penalty"]) == (40, 1.2) and "repetition_penalty" not in payload
 
 
 @pytest.mark.parametrize(
@@ -133,8 +142,8 @@ def test_a_streamed_reply_from_a_plain_openai_server():
     [sent] = transport.handler.requests
     assert sent["model"] == "gpt-x" and sent["stream"] is True and "top_k" not in sent
     assert sent["messages"][0] == {"role": "system", "content": GenerationSettings().system_prompt}
-    assert sent["logprobs"] is True and sent["top_logprobs"] == 3  # they colour the reply
-    assert final.tokens == ()  # this server sent none
+    assert "logprobs" not in sent  # only when asked for: llama.cpp streams other text with them
+    assert final.tokens == ()
     with pytest.raises(BadInput, match="template"):
         service.chat_context([], "")
 
@@ -156,14 +165,26 @@ def test_a_servers_logprobs_colour_the_reply_and_pass_on():
     replies = list(service.chat("Hi", [], GenerationSettings(seed=1, logprobs=1)))
     assert [[token.text for token in reply.added] for reply in replies] == [[" Hel"], ["lo"], []]
     final = replies[-1]
-    assert [token.text for token in final.tokens] == [" Hel", "lo"]
+    assert [token.text for token in final.tokens] == [" Hel", "lo"] and final.new_tokens == 2
     assert final.tokens[0].probability == pytest.approx(math.exp(-0.5))
     assert final.tokens[0].alternatives[1] == (" Hi", pytest.approx(math.exp(-1.5)))
     assert [alt[1:] for alt in final.tokens[1].top_logprobs] == [("lo", -0.1)]  # as many as asked
-    assert transport.handler.requests[0]["top_logprobs"] == 3  # at least what colouring needs
+    assert final.tokens[0].utf8 == tuple(b" Hel")
+    assert transport.handler.requests[0]["top_logprobs"] == 1
+    zero = list(service.chat("Hi", [], GenerationSettings(seed=1, logprobs=0)))[-1]
+    assert transport.handler.requests[1]["top_logprobs"] == 1  # llama.cpp sends none for 0
+    assert [token.top_logprobs for token in zero.tokens] == [(), ()]
 
 
-def test_a_server_that_refuses_logprobs_is_asked_without_them_from_then_on():
+def test_a_stream_that_ends_without_a_finish_reason_is_an_error_not_a_short_reply():
+    transport = fake_backend({"id": "m", "owned_by": "me"}, [delta("Hi")])  # then [DONE], no finish
+    holder = RemoteHolder(OpenAIClient("http://backend:8000", transport=transport))
+    assert holder.load().state == "ready"
+    with pytest.raises(BackendError, match="without saying why.*context window"):
+        list(RemoteChatService(holder, ServerLimits()).chat("Hi", [], GenerationSettings(seed=1)))
+
+
+def test_a_server_that_refuses_logprobs_is_asked_for_them_only_when_a_request_wants_them():
     asked = []
 
     def handle(request: httpx.Request) -> httpx.Response:
@@ -180,10 +201,9 @@ def test_a_server_that_refuses_logprobs_is_asked_without_them_from_then_on():
     assert holder.load().state == "ready"
     service = RemoteChatService(holder, ServerLimits())
     assert list(service.chat("Hi", [], GenerationSettings(seed=1)))[-1].text == "Hi"
-    assert list(service.chat("Hi", [], GenerationSettings(seed=2)))[-1].text == "Hi"
-    assert asked == [True, False, False]
     with pytest.raises(BadInput, match="logprobs"):  # asked for by the request itself: said, not dropped
         service.chat("Hi", [], GenerationSettings(seed=3, logprobs=2))
+    assert asked == [False, True]
 
 
 def test_the_inspectors_settings_over_a_servers_top_tokens_match_the_local_warpers():

@@ -147,19 +147,24 @@ def _utf8(text: str) -> list[int]:
 
 
 def chat_logprobs(tokens) -> dict:
-    """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}."""
-    content = [
-        {
-            "token": token.text,
-            "logprob": _finite(token.logprob),
-            "bytes": _utf8(token.text),
-            "top_logprobs": [
-                {"token": text, "logprob": _finite(logprob), "bytes": _utf8(text)}
-                for _, text, logprob in token.top_logprobs
-            ],
-        }
-        for token in tokens
-    ]
+    """{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}.
+
+    `bytes` is null where a backend server did not give them (llama.cpp): never made up from the text.
+    """
+    content = []
+    for token in tokens:
+        known = token.utf8 is not None
+        content.append(
+            {
+                "token": token.text,
+                "logprob": _finite(token.logprob),
+                "bytes": (list(token.utf8) or _utf8(token.text)) if known else None,
+                "top_logprobs": [
+                    {"token": text, "logprob": _finite(logprob), "bytes": _utf8(text) if known else None}
+                    for _, text, logprob in token.top_logprobs
+                ],
+            }
+        )
     return {"content": content, "refusal": None}
 
 

@@ -20,10 +20,13 @@ def logprob_params(chat: bool, count: int) -> dict:
     return {"logprobs": True, "top_logprobs": count} if chat else {"logprobs": count}
 
 
-def token_choice(text: str, logprob: float, top: list[tuple[str, float]], keep: int) -> TokenChoice:
+def token_choice(
+    text: str, logprob: float, top: list[tuple[str, float]], keep: int, utf8: tuple[int, ...] | None = ()
+) -> TokenChoice:
     """`keep` < 0: the request did not ask for log-probabilities (they still colour the reply)."""
     listed = top if keep < 0 else top[:keep]
     return TokenChoice(
+        utf8=utf8,
         id=-1,
         text=text,
         probability=math.exp(logprob),
@@ -48,6 +51,7 @@ def tokens_of(choice: dict, chat: bool, keep: int) -> list[TokenChoice]:
                     for alt in entry.get("top_logprobs") or []
                 ],
                 keep,
+                reported_bytes(entry.get("bytes")),
             )
             for entry in logprobs.get("content") or []
             if isinstance(entry, dict)
@@ -61,6 +65,11 @@ def tokens_of(choice: dict, chat: bool, keep: int) -> list[TokenChoice]:
         ranked = sorted(((str(t), float(lp)) for t, lp in top.items()), key=lambda pair: -pair[1])
         tokens.append(token_choice(str(text), float(value if value is not None else -math.inf), ranked, keep))
     return tokens
+
+
+def reported_bytes(value) -> tuple[int, ...] | None:
+    """A chat logprobs entry's `bytes`: the list as sent, None when the server sent null."""
+    return tuple(int(b) for b in value) if isinstance(value, list) else None
 
 
 def next_tokens_from(top: dict, settings: GenerationSettings, n: int) -> NextTokens:

@@ -26,7 +26,6 @@ from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
 from backend.remote.client import OpenAIClient
 from backend.remote.logprobs import (
-    COLOURING_ALTERNATIVES,
     INSPECTOR_TOKENS,
     logprob_params,
     next_tokens_from,
@@ -148,7 +147,6 @@ class RemoteChatService:
         self.client = holder.client
         self.limits = limits
         self.stats = stats or RequestStats()
-        self._takes_logprobs = True  # until the server refuses them once
 
     def queue_stats(self) -> tuple[int, int]:
         return self.stats.snapshot().active_requests, 0  # the backend server queues out of our sight
@@ -233,19 +231,11 @@ class RemoteChatService:
         )
 
     def _open(self, path: str, payload: dict, settings: GenerationSettings, chat: bool):
-        """Ask for log-probabilities too (they colour the reply); a server that refuses them is asked
-        again without, and not asked for them again, unless the request itself wanted them."""
-        wanted = max(settings.logprobs, COLOURING_ALTERNATIVES)
-        if not self._takes_logprobs and settings.logprobs < 0:
-            return self.client.open_stream(path, payload)
-        try:
-            return self.client.open_stream(path, payload | logprob_params(chat, wanted))
-        except BadInput as error:
-            if "logprob" not in str(error).lower() or settings.logprobs >= 0:
-                raise
-            log.info("The backend server takes no logprobs; replies will not be coloured: %s", error)
-            self._takes_logprobs = False
-            return self.client.open_stream(path, payload)
+        """Log-probabilities only when asked for (the API, or the UI's colouring): llama.cpp streams
+        differently with them (a character split over two tokens is lost)."""
+        if settings.logprobs >= 0:  # llama.cpp gives none for chat's top_logprobs 0: ask for one, keep none
+            payload = payload | logprob_params(chat, max(settings.logprobs, 1))
+        return self.client.open_stream(path, payload)
 
     def _streamed(self, response, settings, chat: bool, notice, started: float) -> Iterator[Reply]:
         text, pieces, finish, usage, first = "", 0, None, {}, None
@@ -282,8 +272,14 @@ class RemoteChatService:
                     added = []
         finally:
             response.close()
+        if finish is None:  # llama.cpp does this for a prompt past its context, or a request it interrupts
+            raise BackendError(
+                "The backend server ended the reply without saying why (no finish_reason); llama.cpp does "
+                "that for a prompt longer than its context window. Its log has the reason."
+            )
+        counted = len(tokens) or pieces  # what was seen, where the server sends no usage (llama.cpp)
         final = self._final(
-            text.lstrip() if chat else text, finish, usage, pieces, settings, notice, started, first
+            text.lstrip() if chat else text, finish, usage, counted, settings, notice, started, first
         )
         yield replace(final, tokens=tuple(tokens), added=tuple(added))
 
