@@ -140,9 +140,7 @@ def test_a_chat_reply_streams_and_is_llama_cpps(front, llama_server):
     outputs = list(front.client.submit(message=SKY, api_name="/chat", **kwargs))
     assert len(outputs) > 2 and all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": SKY}]
-    there = direct_chat(
-        llama_server, messages, UI_EXTRAS, seed=5, temperature=1.0, top_p=0.9, max_tokens=16
-    )
+    there = direct_chat(llama_server, messages, UI_EXTRAS, seed=5, temperature=1.0, top_p=0.9, max_tokens=16)
     assert outputs[-1] and outputs[-1] == there.lstrip()
 
 
