@@ -22,6 +22,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
+from backend.allocator import AllocatorKeeper, AllocatorPolicy
 from backend.config import AppConfig, parse_config
 from backend.decode.batch_cache import deterministic_kernels
 from backend.decode.engine import EngineLimits
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8 on CPU warns on every call
     config = parse_config(argv, has_gpu=torch.cuda.is_available())
+    # Before the server's threads start: memory stays flat for days (backend.allocator).
+    AllocatorKeeper(AllocatorPolicy(trim_seconds=config.server.malloc_trim_seconds or None)).start()
     if config.server.batch_invariant:
         deterministic_kernels()
     if config.plan:  # where the models would go, planned from their configs alone: no weights are loaded

@@ -48,6 +48,7 @@ class ServerConfig:
     trust_proxy_headers: bool = False  # take the client from X-Forwarded-For (behind a Space's proxy)
     log_prompts: bool = False  # log every prompt and reply at INFO
     batch_invariant: bool = True  # a seed gives the same text alone or batched (decode steps padded)
+    malloc_trim_seconds: float = 30.0  # backend.allocator hands freed memory back this often; 0: never
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 f"{'/'.join(action.option_strings)}: invalid choice {value!r} (choose from "
                 f"{', '.join(map(str, action.choices))})"
             )
+    trim = args.malloc_trim_seconds
+    if not 0 <= trim < float("inf"):
+        parser.error(f"--malloc-trim-seconds: must be 0 (off) or a number of seconds, got {trim}")
     try:
         parse_gpu_memory(args.gpu_memory)
     except InvalidMemorySpec as error:
@@ -157,6 +161,7 @@ def parse_config(
             trust_proxy_headers=args.trust_proxy_headers,
             log_prompts=args.log_prompts,
             batch_invariant=not args.no_batch_invariance,
+            malloc_trim_seconds=args.malloc_trim_seconds,
         ),
         limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),
         demo_fallback=not args.no_demo_fallback,

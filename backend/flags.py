@@ -108,6 +108,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "user, but a seed may then give other text when others are served at once (see docs/serving.md).",
     )
     add(
+        "--malloc-trim-seconds",
+        type=float,
+        default=opt("MALLOC_TRIM_SECONDS", "30"),
+        help="How often freed memory is handed back to the system (glibc's malloc_trim); 0 turns it off. "
+        "With it and at most 2 malloc arenas (unless MALLOC_ARENA_MAX is set) memory stays flat under "
+        "load (see docs/serving.md).",
+    )
+    add(
         "--max-waiting",
         type=int,
         default=opt("MAX_WAITING", "16"),

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/soak.py                       # 16 clients, 180 s, demo models
     .venv/bin/python benchmarks/soak.py --clients 4 --seconds 10
     .venv/bin/python benchmarks/soak.py --server-process --minutes 60   # the app in its own process
+    .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:7860/ --seconds 600   # clients only
 
 Clients mix settings (sample/greedy/beam, stop words, lengths), ask for image captions (which
 share the vision model's batching engine), cancel some replies part-way and send some invalid
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -171,8 +173,6 @@ def soak(
     model: str = "demo:tiny-llama-chat",
     vision_model: str = "demo:tiny-llava",
 ) -> dict:
-    import tempfile
-
     from app import create_app
     from backend.config import parse_config
 
@@ -228,12 +228,18 @@ def soak(
     return report
 
 
-def soak_server_process(clients: int, minutes: float, max_slope_mb_per_min: float) -> dict:
+def soak_server_process(
+    clients: int,
+    minutes: float,
+    max_slope_mb_per_min: float,
+    arguments: tuple[str, ...] = (),
+    environment: dict[str, str] | None = None,
+) -> dict:
     """The app in a process of its own, as a Space runs it (the dtype it picks, demo models): only the
-    server's RSS is sampled, every 10 s; flat means its slope over the last half is under the bound."""
+    server's RSS is sampled, every 10 s; flat means its slope over the last half is under the bound.
+    `arguments` and `environment` are added to the app's command line and environment."""
     import socket
     import subprocess
-    import tempfile
 
     import httpx
 
@@ -249,9 +255,10 @@ def soak_server_process(clients: int, minutes: float, max_slope_mb_per_min: floa
         "--vision-model",
         "demo:tiny-llava",
     ]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    command += ["--host", "127.0.0.1", "--port", str(port), *arguments]
     log_path = Path(tempfile.mkdtemp(prefix="soak-server-")) / "server.log"
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no Hub here: the demo models, as offline users get
+    # No Hub here: the demo models, as offline users get.
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(environment or {})}
     with log_path.open("w") as server_log:
         server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
@@ -298,9 +305,35 @@ def soak_server_process(clients: int, minutes: float, max_slope_mb_per_min: floa
         slope_last_half_mb_per_min=round(slope, 3),
         max_slope_mb_per_min=max_slope_mb_per_min,
         server_log=str(log_path),
+        arguments=list(arguments),
+        environment=environment_shown(environment),
     )
     report["passed"] = tally.valid_failed == 0 and tally.valid_ok > 0 and slope < max_slope_mb_per_min
     return report
+
+
+def environment_shown(environment: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if name.startswith(("MALLOC_", "PLAYGROUND_"))}
+
+
+# glibc's own behaviour, for comparison: 8 arenas per core, freed memory kept until it is at the heap's top.
+GLIBC_DEFAULT = {"MALLOC_ARENA_MAX": str(8 * (os.cpu_count() or 1)), "PLAYGROUND_MALLOC_TRIM_SECONDS": "0"}
+
+
+def compare_allocators(clients: int, minutes: float, max_slope: float) -> dict:
+    """The app as it starts (backend.allocator's policy) and with glibc's defaults, side by side in one run,
+    each with half the clients."""
+    reports: dict[str, dict] = {}
+
+    def run(name: str, environment: dict[str, str]) -> None:
+        reports[name] = soak_server_process(max(clients // 2, 1), minutes, max_slope, (), environment)
+
+    arms = [threading.Thread(target=run, args=arm) for arm in (("app", {}), ("glibc_default", GLIBC_DEFAULT))]
+    for arm in arms:
+        arm.start()
+    for arm in arms:
+        arm.join()
+    return reports
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -350,7 +383,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-process", action="store_true", help="the app in its own process")
     parser.add_argument("--minutes", type=float, default=60, help="with --server-process: how long")
     parser.add_argument("--max-slope", type=float, default=0.5, help="MB/min over the last half, server only")
+    parser.add_argument("--url", help="only the clients, against a server already running there")
+    parser.add_argument(
+        "--compare-allocator",
+        action="store_true",
+        help="with --server-process: the app and the app on glibc's allocator defaults, side by side",
+    )
     args = parser.parse_args(argv)
+    if args.url:  # e.g. for benchmarks/memory_profile.py, which looks inside the server meanwhile
+        tally = Tally()
+        images = write_images(Path(tempfile.mkdtemp(prefix="soak-images-")))
+        run_clients(args.url, args.clients, args.seconds, 10 * int(args.seconds) + 500, tally, images)
+        report = {f.name: getattr(tally, f.name) for f in fields(tally) if f.name != "lock"}
+        print(json.dumps(report, indent=2), flush=True)
+        # gradio_client keeps a reader thread per Client on its event stream, and interpreter exit
+        # would wait on them: the report is out, so leave now.
+        os._exit(0 if tally.valid_failed == 0 and tally.invalid_wrong == 0 else 1)
+    if args.server_process and args.compare_allocator:
+        reports = compare_allocators(args.clients, args.minutes, args.max_slope)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "soak-allocators.json").write_text(json.dumps(reports, indent=2))
+        for name, report in reports.items():
+            plot_rss(report, args.out / f"soak-allocators-{name}.png")
+        summary = {
+            name: {k: r[k] for k in ("valid_ok", "valid_failed", "rss_start_mb", "rss_end_mb")}
+            | {"slope_last_half_mb_per_min": r["slope_last_half_mb_per_min"]}
+            for name, r in reports.items()
+        }
+        print(json.dumps(summary, indent=2))
+        return 0
     if args.server_process:
         report = soak_server_process(args.clients, args.minutes, args.max_slope)
         args.out.mkdir(parents=True, exist_ok=True)

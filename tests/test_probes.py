@@ -114,6 +114,8 @@ def test_the_app_serves_health_and_metrics_and_counts_ui_api_and_v1_requests_ali
         ([], {"PLAYGROUND_MAX_BATCH_SIZE": "eight"}, "--max-batch-size: invalid int value: 'eight'"),
         ([], {"PLAYGROUND_DTYPE": "fp8"}, "--dtype: invalid choice 'fp8'"),
         ([], {"PLAYGROUND_PORT": "http"}, "--port: invalid int value: 'http'"),
+        (["--malloc-trim-seconds", "-5"], {}, "--malloc-trim-seconds: must be 0 (off) or a number"),
+        ([], {"PLAYGROUND_MALLOC_TRIM_SECONDS": "inf"}, "--malloc-trim-seconds: must be 0 (off)"),
     ],
 )
 def test_a_bad_flag_or_variable_is_one_line_and_exit_code_2(argv, env, words, capsys):
