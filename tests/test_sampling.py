@@ -202,3 +202,29 @@ def test_draws_follow_top_k_and_top_p_together_and_never_pick_a_removed_token() 
     assert counts[3:].sum() == 0
     assert math.isclose(float(counts[0]), 0.35 / 0.8, abs_tol=0.02)
     assert math.isclose(float(counts[2]), 0.2 / 0.8, abs_tol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_are_the_raw_distribution_over_known_tokens_in_every_dtype(dtype) -> None:
+    """What /v1 reports: log-softmax of the raw logits (computed in float32 whatever the model's dtype),
+    over the tokenizer's tokens only, with the likeliest `top` listed best first."""
+    from backend.decode.generation import with_logprobs
+    from backend.token_probs import TokenChoice
+
+    class Tokenizer:
+        def __len__(self):
+            return 64
+
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{i}>" for i in ids)
+
+    logits = (torch.randn(72, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    logits[70:] = 50.0  # rows past the tokenizer's 64 tokens, as a padded embedding has: never listed
+    token = with_logprobs(TokenChoice(5, "<5>", 0.1, ()), Tokenizer(), logits, 64, top=3)
+    expected = torch.log_softmax(logits[:64].float(), dim=-1)
+    assert token.logprob == pytest.approx(float(expected[5]), abs=1e-6)
+    best = torch.topk(expected, 3)
+    assert [entry[0] for entry in token.top_logprobs] == best.indices.tolist()
+    assert [entry[2] for entry in token.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-6)
+    assert token.top_logprobs[0][1] == f"<{best.indices[0]}>"
+    assert with_logprobs(TokenChoice(5, "<5>", 0.1, ()), Tokenizer(), logits, 64, top=0).top_logprobs == ()
