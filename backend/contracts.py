@@ -23,8 +23,16 @@ PIPELINES = ("auto", "vision", "caption")  # how an image reaches a chat: see se
 @dataclass(frozen=True)
 class VisualReply:
     pipeline: str  # "vision" or "caption"
-    caption: str | None  # what the captioner said, for the "caption" pipeline
+    caption: str | None  # "caption" pipeline: what the captioner said of the new message's images
     replies: Iterator[Reply]
+
+
+def takes_conversation_images(vision: Any) -> bool:
+    """Whether `vision.visual_chat` takes a ConversationImages (every image, each in its turn).
+
+    Services without the attribute (remote.service's) take one image source: the conversation's newest.
+    """
+    return bool(getattr(vision, "takes_conversation_images", False))
 
 
 class ModelSource(Protocol):
@@ -86,7 +94,11 @@ class ChatBackend(Protocol):
 
 
 class VisionBackend(Protocol):
-    """Captions and visual chat; bad images and settings raise before the stream starts."""
+    """Captions and visual chat; bad images and settings raise before the stream starts.
+
+    `visual_chat`'s `image_source` is one image, or a backend.images.ConversationImages where
+    `takes_conversation_images(service)` says so.
+    """
 
     holder: ModelSource
     image_limits: ImageLimits
@@ -134,6 +146,10 @@ class ChatDecorator:
     def step_text(self, text: str, settings: GenerationSettings) -> str:
         return self.service.step_text(text, settings)
 
+    def append_token(self, text: str, token_id: int) -> str:
+        """Local services only (ChatService): a remote engine's listed tokens have no ids (-1)."""
+        return self.service.append_token(text, token_id)
+
     def chat_context(self, history: list[Turn], system_prompt: str) -> str:
         return self.service.chat_context(history, system_prompt)
 
@@ -144,6 +160,10 @@ class VisionDecorator:
     def __init__(self, service: VisionBackend):
         self.service = service
         self.holder, self.image_limits = service.holder, service.image_limits
+
+    @property
+    def takes_conversation_images(self) -> bool:
+        return takes_conversation_images(self.service)
 
     def choose_pipeline(self, requested: str) -> str:
         return self.service.choose_pipeline(requested)

@@ -15,7 +15,7 @@ from typing import TypeAlias
 
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from backend.errors import BadImage
+from backend.errors import BadImage, BadInput
 
 ImageSource: TypeAlias = bytes | bytearray | str | os.PathLike | Image.Image
 WHITE = (255, 255, 255)
@@ -35,11 +35,60 @@ class ImageLimits:
     max_bytes: int = 20 * 2**20
     max_pixels: int = 50_000_000
     max_side: int = 2048
+    max_images: int = 8  # per request: every image of the conversation is read again for each reply
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_side"):
+        for name in ("max_bytes", "max_pixels", "max_side", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImageLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ConversationImages:
+    """A conversation's images in the order they were sent, each where it was sent.
+
+    `by_turn[i]` holds the images sent with user turn i: the history's turns in order, then the new
+    message last (so there are len(history) + 1 entries). What VisionBackend.visual_chat takes in place
+    of a single image.
+    """
+
+    by_turn: tuple[tuple[ImageSource, ...], ...]
+
+    @classmethod
+    def of(cls, by_turn) -> ConversationImages:
+        return cls(tuple(tuple(images) for images in by_turn))
+
+    @property
+    def count(self) -> int:
+        return sum(len(images) for images in self.by_turn)
+
+    @property
+    def new(self) -> tuple[ImageSource, ...]:
+        """The images of the new message."""
+        return self.by_turn[-1] if self.by_turn else ()
+
+    def newest(self) -> ImageSource | None:
+        return next((images[-1] for images in reversed(self.by_turn) if images), None)
+
+    def loaded(self, turns: int, limits: ImageLimits) -> ConversationImages:
+        """Every image checked and decoded by `load_image`, after the count and the shape are checked."""
+        if len(self.by_turn) != turns + 1:
+            raise BadInput(
+                f"The images are given for {len(self.by_turn)} user turns; the conversation has {turns + 1}."
+            )
+        check_image_count(self.count, limits)
+        if not self.count:
+            raise BadImage("No image was given; please upload one.")
+        return ConversationImages.of([load_image(one, limits) for one in images] for images in self.by_turn)
+
+
+def check_image_count(count: int, limits: ImageLimits) -> None:
+    """Raise BadInput when one request carries more images than `limits.max_images`."""
+    if count > limits.max_images:
+        raise BadInput(
+            f"The conversation has {count} images; the limit is {limits.max_images} images per request "
+            "(every image sent so far is read again for each reply). Start a new chat or send fewer."
+        )
 
 
 def describe_limits(limits: ImageLimits) -> str:

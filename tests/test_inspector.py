@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import html
 import math
 import threading
 
 import pytest
 import torch
 
-from backend.decode.inspector import Inspector
+from backend.decode.inspector import Inspector, token_after
 from backend.errors import BadInput
 from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec
 from backend.prompting import Turn, render_chat
 from backend.services.chat import ChatService
 from backend.settings import GenerationSettings, ServerLimits
+from ui.inspector_tab import with_picked_token
 from ui.inspector_view import distribution_html
 
 TEXT = "The weather today is"
@@ -150,3 +152,44 @@ def test_service_runs_the_forward_pass_on_a_thread_that_ends(service, monkeypatc
     service.step_text("Once upon a", GenerationSettings(seed=1))
     assert len(ran_on) == 2
     assert all(thread is not threading.current_thread() and not thread.is_alive() for thread in ran_on)
+
+
+# ----------------------------------------------------------------------------- a click on a listed token
+
+
+def test_append_token_adds_exactly_the_listed_token(service):
+    listed = service.next_tokens(TEXT, PLAIN, 5).tokens
+    for token in listed:
+        assert service.append_token(TEXT, token.id) == TEXT + token.text, token
+    with pytest.raises(BadInput, match="Token id 99999 is not one of this tokenizer's"):
+        service.append_token(TEXT, 99999)
+
+
+def test_a_token_is_appended_as_it_reads_after_the_text():
+    """A SentencePiece token decoded alone loses its leading space; after the text it keeps it."""
+
+    class Words:
+        words = ["<s>", "Hello", "the"]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(self.words[i] for i in ids)
+
+    assert Words().decode([2]) == "the"
+    assert token_after(Words(), [0, 1], 2) == " the"
+
+
+def test_a_click_sends_the_rows_id_and_raw_text(service):
+    result = service.next_tokens(TEXT, PLAIN, 3).to_dict()
+    result["tokens"][1] = {**result["tokens"][1], "id": -1, "text": ' "a" <b>\n'}
+    page = distribution_html(result)
+    first = result["tokens"][0]
+    assert f'data-token-id="{first["id"]}" data-token-text="{html.escape(first["text"], quote=True)}"' in page
+    assert 'data-token-id="-1" data-token-text=" &quot;a&quot; &lt;b&gt;\n"' in page
+    # What the click handler makes of it: by id where there is one, else (a remote engine's) the text.
+    assert with_picked_token(service, TEXT, {"token_id": first["id"], "token_text": "ignored"}) == (
+        TEXT + first["text"]
+    )
+    assert with_picked_token(service, TEXT, {"token_id": -1, "token_text": " more"}) == TEXT + " more"
+    for picked in (None, {}, {"token_id": None, "token_text": "x"}, {"token_id": True, "token_text": "x"}):
+        with pytest.raises(BadInput, match="came without its id and text"):
+            with_picked_token(service, TEXT, picked)

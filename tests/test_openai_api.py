@@ -8,6 +8,7 @@ import io
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -19,7 +20,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from backend.contracts import VisualReply
 from backend.errors import ModelNotReady, ServerBusy
+from backend.images import ImageLimits
 from backend.models.holder import LoadStatus
 from backend.openai_server.responses import Interleaved
 from backend.openai_server.routes import build_openai_router
@@ -553,3 +556,97 @@ def test_a_client_that_leaves_a_whole_request_cancels_the_generation(server, lon
             timeout=httpx.Timeout(30, read=0.5),
         )
     assert_generation_stops(slow_forwards)
+
+
+# ----------------------------------------------------------------------------- several images
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_conversation_keeps_each_image_in_the_turn_that_sent_it():
+    red, green, blue = (data_url(Image.new("RGB", (4, 4), colour)) for colour in ("red", "green", "blue"))
+    conversation = to_conversation(
+        [
+            ChatMessage(role="user", content=[{"type": "text", "text": "a"}, image_part(red)]),
+            ChatMessage(role="assistant", content="b"),
+            ChatMessage(role="user", content=[image_part(green)]),
+            ChatMessage(role="user", content=[image_part(blue), {"type": "text", "text": "c"}]),
+        ],
+        MAX_CHARS,
+        10_000,
+    )
+    assert conversation.history == [Turn("a", "b")]
+    decoded = [
+        [Image.open(io.BytesIO(data)).getpixel((0, 0)) for data in turn]
+        for turn in conversation.images.by_turn
+    ]
+    assert decoded == [[(255, 0, 0)], [(0, 128, 0), (0, 0, 255)]]
+    assert conversation.message == "\n\nc" and conversation.image == conversation.images.by_turn[-1][-1]
+    only_images = to_conversation(
+        [ChatMessage(role="user", content=[image_part(red)] * 2)], MAX_CHARS, 10_000
+    )
+    assert only_images.message == "Describe the images."
+    # Counted before any is decoded: nine undecodable parts are refused for their number.
+    with pytest.raises(ApiError, match="has 9 images; the limit is 8 images per request") as refused:
+        to_conversation([ChatMessage(role="user", content=[image_part("data:,x")] * 9)], MAX_CHARS, 10_000, 8)
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+
+
+class OneImageVision:
+    """A vision service that takes one image source (as remote.service's does)."""
+
+    image_limits = ImageLimits()
+
+    def __init__(self):
+        self.given = []
+
+    def visual_chat(self, message, image_source, history, settings, pipeline="auto"):
+        self.given.append(image_source)
+        return VisualReply("vision", None, iter([Reply("ok", True, 1, 0.1, 1, "sample")]))
+
+
+def test_a_vision_service_that_takes_one_image_gets_it_and_refuses_several():
+    vision = OneImageVision()
+    app = FastAPI()
+    app.include_router(build_openai_router(StubChat(None), vision, None, "stub", ServerLimits()))
+    red = data_url(Image.new("RGB", (4, 4), "red"))
+    one = {"model": "stub", "messages": [{"role": "user", "content": [image_part(red)]}]}
+    assert TestClient(app).post("/v1/chat/completions", json=one).status_code == 200
+    assert vision.given == [base64.b64decode(red.partition(",")[2])]
+    two = {"model": "stub", "messages": [{"role": "user", "content": [image_part(red)] * 2}]}
+    response = TestClient(app).post("/v1/chat/completions", json=two)
+    assert (
+        response.status_code == 400 and "reads one image per request" in response.json()["error"]["message"]
+    )
+    assert len(vision.given) == 1
+
+
+@pytest.mark.slow
+def test_several_images_are_read_in_order_each_where_it_was_sent(client, server):
+    house, smiley = (data_url(Image.open(EXAMPLES / name)) for name in ("house.png", "smiley.jpg"))
+    question = {"type": "text", "text": "What is in the pictures?"}
+
+    def ask(*conversation):
+        return client.chat.completions.create(
+            model=server.model, messages=list(conversation), max_tokens=12, temperature=0, seed=0
+        )
+
+    def user(*images):
+        return {"role": "user", "content": [*map(image_part, images), question]}
+
+    both = ask(user(house, smiley))
+    others = [ask(user(smiley, house)), ask(user(house)), ask(user(smiley))]
+    assert all(other.choices[0].message.content != both.choices[0].message.content for other in others)
+    assert both.usage.prompt_tokens - others[1].usage.prompt_tokens == 16 + 1  # each image's tokens count
+    # An image in an earlier message stays in its turn.
+    answer = {"role": "assistant", "content": "A house."}
+    placed = ask(user(house), answer, user(smiley)).choices[0].message.content
+    assert placed != ask(user(), answer, user(smiley)).choices[0].message.content
+    assert placed != ask(user(), answer, user(house, smiley)).choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="has 9 images; the limit is 8 images") as many:
+        ask(user(*[house] * 9))
+    assert many.value.body["param"] == "messages"

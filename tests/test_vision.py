@@ -439,3 +439,40 @@ def test_quantized_vision_models_caption(
         assert model.model.query_tokens.dtype.is_floating_point
     for settings in (SAMPLE, GenerationSettings(mode="beam", num_beams=2, max_new_tokens=4)):
         assert reply(caption_stream(model, gradient(), "what?", settings)).new_tokens > 0
+
+
+# ----------------------------------------------------------------------------- several images
+
+
+def test_llava_chat_places_each_image_in_the_turn_that_sent_it(loaded: dict[str, LoadedVision]) -> None:
+    model = loaded[DEMO_LLAVA]
+    history = [Turn("Compare these.", "Alike."), Turn("Big?", "Small.")]
+    text = render_llava_chat(model.processor, "", history, "And this one?", [2, 0, 1])
+    assert text == (
+        "USER: <image>\n<image>\nCompare these.\nASSISTANT: Alike.</s>\n"
+        "USER: Big?\nASSISTANT: Small.</s>\nUSER: <image>\nAnd this one?\nASSISTANT:"
+    )
+    plain = SimpleNamespace(chat_template=None, image_token="<image>")
+    vicuna = render_llava_chat(plain, "Sys.", history, "And this one?", [2, 0, 1])
+    assert vicuna.startswith("Sys. USER: <image>\n<image>\nCompare these. ASSISTANT: Alike.</s>USER: Big?")
+    assert vicuna.endswith("USER: <image>\nAnd this one? ASSISTANT:")
+    inputs = encode_image_prompt(model, [red(), gradient(), gradient()], text)
+    assert inputs["input_ids"][0].tolist().count(1000) == 3 * 16  # one block of 16 image tokens each
+    # In the order sent: the processor pairs the i-th image with the i-th placeholder.
+    own = model.processor(images=[red(), gradient(), gradient()], text=text, return_tensors="pt")
+    assert torch.equal(inputs["pixel_values"], own["pixel_values"])
+
+
+def test_llava_chat_drops_old_turns_with_their_images(loaded: dict[str, LoadedVision]) -> None:
+    from backend.images import ConversationImages
+
+    history = [Turn("long " * 150, "ok"), Turn("and?", "fine")]
+    settings = replace(GREEDY, max_new_tokens=200)
+    images = ConversationImages.of([(gradient(),), (), (red(), gradient())])
+    final = reply(chat_with_image_stream(loaded[DEMO_LLAVA], images, history, "Colour?", settings))
+    assert final.notice == (
+        "The 1 oldest turn was left out to fit the model's context window, and 1 image with it."
+    )
+    kept = ConversationImages.of([(), (red(), gradient())])
+    alone = reply(chat_with_image_stream(loaded[DEMO_LLAVA], kept, history[1:], "Colour?", settings))
+    assert (final.text, final.prompt_tokens) == (alone.text, alone.prompt_tokens)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from backend.contracts import VisionDecorator
 from backend.errors import BadImage, BadInput
-from backend.images import ImageLimits
+from backend.images import ConversationImages, ImageLimits, load_image
 from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec
 from backend.models.vision_loading import load_vision_model
+from backend.prompting import Turn
 from backend.services.chat import ChatService
 from backend.services.vision import VisionService
 from backend.settings import GenerationSettings, ServerLimits
 from tests import streams as stream_helpers
 from tests.streams import HANG, last_items_together, no_early_end
-from ui.messages import history_to_turns, image_paths, is_caption_note
-from ui.visual_chat import needs_vision_model, visual_turn
+from ui.messages import caption_note, history_to_turns, image_paths, is_caption_note, note
+from ui.visual_chat import images_by_turn, needs_vision_model, visual_turn
 
 watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
 
@@ -197,3 +200,133 @@ def watch_forwards_for(service, monkeypatch):
     forwards = stream_helpers.Forwards(decoder, hold_at=1, stats=lambda: service._engines._engine.stats())
     monkeypatch.setattr(decoder, "forward", forwards)
     return forwards
+
+
+# ----------------------------------------------------------------------------- several images
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+HOUSE, SMILEY = str(EXAMPLES / "house.png"), str(EXAMPLES / "smiley.jpg")
+# Greedy: the reply is a function of the prompt and the images alone.
+GREEDY = GenerationSettings(seed=0, mode="greedy", repetition_penalty=1.0, max_new_tokens=12)
+QUESTION = "What is in the pictures?"
+
+
+def ask(service, by_turn, history=(), pipeline="vision"):
+    """(final reply, the VisualReply) for `by_turn` images (ConversationImages.of) and QUESTION."""
+    result = service.visual_chat(QUESTION, ConversationImages.of(by_turn), list(history), GREEDY, pipeline)
+    return list(result.replies)[-1], result
+
+
+def test_two_images_in_one_message_are_read_in_order(llava):
+    both, _ = ask(llava, [(HOUSE, SMILEY)])
+    texts = {
+        "reversed": ask(llava, [(SMILEY, HOUSE)])[0].text,
+        "house alone": ask(llava, [(HOUSE,)])[0].text,
+        "smiley alone": ask(llava, [(SMILEY,)])[0].text,
+    }
+    assert both.text and all(text != both.text for text in texts.values()), (both.text, texts)
+    # Each image's tokens count (the demo's are 16, and "\n" after each).
+    assert both.prompt_tokens - ask(llava, [(HOUSE,)])[0].prompt_tokens == 16 + 1
+
+
+def test_images_of_earlier_turns_stay_where_they_were_sent(llava):
+    history = [Turn("What is it?", "A thing.")]
+    placed, _ = ask(llava, [(HOUSE,), (SMILEY,)], history)
+    assert placed.text != ask(llava, [(), (HOUSE, SMILEY)], history)[0].text
+    assert placed.text != ask(llava, [(), (SMILEY,)], history)[0].text
+
+
+def test_caption_pipeline_describes_each_image_in_its_turn(blip2, monkeypatch):
+    house, smiley = (blip2.describe([load_image(path)]) for path in (HOUSE, SMILEY))
+    assert house != smiley
+    _, result = ask(blip2, [(HOUSE, SMILEY)], pipeline="caption")
+    assert result.caption == f"Image 1: {house}\nImage 2: {smiley}"
+    _, result = ask(blip2, [(SMILEY, HOUSE)], pipeline="caption")
+    assert result.caption == f"Image 1: {smiley}\nImage 2: {house}"
+    sent = []
+    chat = blip2.chat.chat
+    monkeypatch.setattr(blip2.chat, "chat", lambda *args: sent.append(args) or chat(*args))
+    history = [Turn("What is it?", "A thing.")]
+    _, result = ask(blip2, [(HOUSE,), (SMILEY,)], history, pipeline="caption")
+    message, turns, _ = sent[-1]
+    assert turns == [Turn(f"[Image description: {house}]\nWhat is it?", "A thing.")]
+    assert message == f"[Image description: {smiley}]\n{QUESTION}" and result.caption == smiley
+
+
+def test_too_many_images_or_misplaced_ones_are_refused_naming_the_limit(llava, blip2):
+    nine = ConversationImages.of([(HOUSE,) * 9])
+    for service, pipeline in ((llava, "vision"), (blip2, "caption")):
+        with pytest.raises(BadInput, match="has 9 images; the limit is 8 images per request"):
+            service.visual_chat(QUESTION, nine, [], GREEDY, pipeline)
+    with pytest.raises(BadInput, match="given for 1 user turns; the conversation has 2"):
+        llava.visual_chat(QUESTION, ConversationImages.of([(HOUSE,)]), [Turn("a", "b")], GREEDY)
+    with pytest.raises(BadImage, match="No image was given"):
+        llava.visual_chat(QUESTION, ConversationImages.of([()]), [], GREEDY)
+
+
+class Recording(VisionDecorator):
+    """Records what each visual_chat was given; `several=False` acts as a service that takes one image."""
+
+    def __init__(self, service, several=True):
+        super().__init__(service)
+        self.several, self.calls = several, []
+
+    @property
+    def takes_conversation_images(self) -> bool:
+        return self.several
+
+    def visual_chat(self, message, image_source, history, settings, pipeline="auto"):
+        self.calls.append((image_source, history))
+        return super().visual_chat(message, image_source, history, settings, pipeline)
+
+
+def test_the_chat_sends_every_image_of_the_conversation_in_its_turn(llava, blip2, image_zoo):
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    vision = Recording(llava)
+    _, history, _ = list(visual_turn(vision, LIMITS, "Compare", [HOUSE, SMILEY], [], values, "auto"))[-1]
+    assert [image_paths(m["content"]) for m in history[:2]] == [[HOUSE], [SMILEY]]  # both shown, in order
+    later = str(image_zoo["good"]["picture.bmp"])
+    _, history, _ = list(visual_turn(vision, LIMITS, "And this?", [later], history, values, "auto"))[-1]
+    list(visual_turn(vision, LIMITS, "Which was first?", [], history, values, "auto"))
+    assert [call[0].by_turn for call in vision.calls] == [
+        ((HOUSE, SMILEY),),
+        ((HOUSE, SMILEY), (later,)),
+        ((HOUSE, SMILEY), (later,), ()),
+    ]
+    assert [len(turns) for _, turns in vision.calls] == [0, 1, 2]
+    # The captioner gets the new images only: the history holds the earlier descriptions.
+    captioner = Recording(blip2)
+    _, history, _ = list(visual_turn(captioner, LIMITS, "Compare", [HOUSE, SMILEY], [], values, "auto"))[-1]
+    list(visual_turn(captioner, LIMITS, "And this?", [later], history, values, "auto"))
+    assert [call[0].by_turn for call in captioner.calls] == [((HOUSE, SMILEY),), ((), (later,))]
+
+
+def test_images_by_turn_follows_history_to_turns():
+    def user(content):
+        return {"role": "user", "content": content}
+
+    history = [
+        user({"path": "a.png"}),
+        user("first"),
+        caption_note("What it sees", "a cat"),
+        {"role": "assistant", "content": "A cat."},
+        note("12 tokens · 3 tok/s"),
+        user("no image"),
+        {"role": "assistant", "content": "Fine."},
+        user({"path": "b.png"}),
+        user([{"type": "file", "file": {"path": "c.png"}}]),
+        user("unanswered"),
+        note("⚠️ failed"),
+    ]
+    assert len(history_to_turns(history)) == 2
+    assert images_by_turn(history) == [("a.png",), (), ("b.png", "c.png")]
+
+
+def test_a_one_image_vision_service_gets_the_newest_image_and_refuses_several(llava):
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    one_image = Recording(llava, several=False)  # as remote.service's RemoteVisionService
+    _, history, _ = list(visual_turn(one_image, LIMITS, "What?", [HOUSE], [], values, "auto"))[-1]
+    list(visual_turn(one_image, LIMITS, "And?", [], history, values, "auto"))
+    assert [call[0] for call in one_image.calls] == [HOUSE, HOUSE]
+    _, refused, _ = list(visual_turn(one_image, LIMITS, "Both?", [HOUSE, SMILEY], [], values, "auto"))[-1]
+    assert "reads one image per message" in refused[-1]["metadata"]["title"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from backend.errors import UserError
+from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits, request_settings
 from ui.handlers import failure_message, report
 from ui.inspector_view import distribution_html
@@ -18,6 +18,24 @@ log = logging.getLogger(__name__)
 
 LIVE_CONTROLS = ("mode", "seed", "temperature", "top_k", "top_p", "repetition_penalty")
 EMPTY_VIEW = "<p>Type a text and press <b>Show next tokens</b>.</p>"
+# A click (or Enter) on a listed token's row sends its id and raw text to `on_pick`, as the view's click
+# event. Registered once on the component's root, so it holds for every list rendered into it.
+PICK_JS = """
+const pick = (event) => {
+  const row = event.target.closest('tr[data-token-id]');
+  if (!row || !element.contains(row)) return false;
+  trigger('click', {token_id: Number(row.dataset.tokenId), token_text: row.dataset.tokenText});
+  return true;
+};
+element.addEventListener('click', pick);
+element.addEventListener('keydown', (event) => {
+  if ((event.key === 'Enter' || event.key === ' ') && pick(event)) event.preventDefault();
+});
+"""
+PICK_CSS = """
+tr[data-token-id] { cursor: pointer; }
+tr[data-token-id]:hover td, tr[data-token-id]:focus td { background: var(--color-accent-soft); }
+"""
 
 
 def error_html(error: Exception) -> str:
@@ -40,7 +58,8 @@ def build_inspector_tab() -> InspectorTab:
         gr.Markdown(
             "The model's next-token probabilities for the text, raw (grey) and after repetition "
             "penalty, temperature, top-k and top-p from the settings panel (orange). Tokens the "
-            "settings remove are struck through. Moving a slider updates the picture."
+            "settings remove are struck through. Moving a slider updates the picture. Click a listed "
+            "token to append it to the text and see what comes after it."
         )
         text = gr.Textbox(label="Text (raw, no chat template)", lines=6, elem_id="inspector-text")
         with gr.Row():
@@ -48,7 +67,7 @@ def build_inspector_tab() -> InspectorTab:
             show = gr.Button("Show next tokens", variant="primary", elem_id="inspector-show")
             step = gr.Button("Step", elem_id="inspector-step")
             from_chat = gr.Button("Use chat context", elem_id="inspector-from-chat")
-        view = gr.HTML(EMPTY_VIEW, elem_id="inspector-view")
+        view = gr.HTML(EMPTY_VIEW, elem_id="inspector-view", js_on_load=PICK_JS, css_template=PICK_CSS)
     return InspectorTab(text, count, show, step, from_chat, view)
 
 
@@ -80,6 +99,14 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
             return gr.update(), error_html(error)
         return data[text], render(data)
 
+    def on_pick(data, event: gr.EventData):
+        try:
+            data[text] = with_picked_token(service, data[text] or "", getattr(event, "_data", None))
+        except Exception as error:
+            report(error)
+            return gr.update(), error_html(error)
+        return data[text], render(data)
+
     def on_from_chat(data):
         system_prompt = data[controls["system_prompt"]]
         try:
@@ -94,8 +121,22 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
     tab.show.click(render, inputs, view, **private)
     text.submit(render, inputs, view, **private)
     tab.step.click(on_step, inputs, [text, view], **private)
+    view.click(on_pick, inputs, [text, view], trigger_mode="once", **private)
     tab.from_chat.click(on_from_chat, inputs | {chatbot}, [text, view], **private)
     for name in LIVE_CONTROLS:
         controls[name].change(
             lambda data: render(data, quiet=True), inputs, view, trigger_mode="always_last", **private
         )
+
+
+def with_picked_token(service, text: str, picked) -> str:
+    """`text` plus the listed token a click picked: by its id where the model says ids (the text it adds
+    in context), else (a remote engine's list, ids -1) its listed text."""
+    token_id = picked.get("token_id") if isinstance(picked, dict) else None
+    token_text = picked.get("token_text") if isinstance(picked, dict) else None
+    if not isinstance(token_text, str) or isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise BadInput("The clicked token came without its id and text: show the next tokens again.")
+    append_token = getattr(service, "append_token", None)
+    if token_id >= 0 and append_token is not None:
+        return append_token(text, token_id)
+    return text + token_text

@@ -1,4 +1,7 @@
-"""The Inspector's picture: one row per token, raw and final probability as bars. Pure HTML."""
+"""The Inspector's picture: one row per token, raw and final probability as bars. Pure HTML.
+
+Each row carries its token's id and raw text, so that a click on it can append exactly that token.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ def distribution_html(result: dict) -> str:
         label = html.escape(visible_token(token["text"]))
         note = ' <span class="removed-note">removed</span>' if removed else ""
         bars = bar(token["p_raw"] / scale, "raw") + bar(token["p_final"] / scale, "final")
+        # The raw text and id ride along for the click that appends this token (ui.inspector_tab.PICK_JS).
+        raw = html.escape(token["text"], quote=True)
+        pick = f'data-token-id="{int(token["id"])}" data-token-text="{raw}"'
         rows.append(
-            f'<tr class="{"removed" if removed else "kept"}">'
+            f'<tr class="{"removed" if removed else "kept"}" {pick} tabindex="0">'
             f'<td class="token" title="{token_title(token["id"])}"><code>{label}</code>{note}</td>'
             f'<td class="bars">{bars}</td>'
             f'<td class="num">{token["p_raw"]:.3f}</td><td class="num">{token["p_final"]:.3f}</td></tr>'

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jinja2 import TemplateError
 from PIL import Image
@@ -30,36 +32,54 @@ def caption_prompt(family: str, processor, question: str) -> str:
     raise UnsupportedModel(f"no caption prompt for family {family!r}")
 
 
-def llava_messages(system_prompt: str, history: list[Turn], message: str) -> list[dict]:
-    """Chat messages with the image placeholder in the first user turn, where it stays for every reply."""
+def llava_messages(
+    system_prompt: str, history: list[Turn], message: str, images_per_turn: Sequence[int] | None = None
+) -> list[dict]:
+    """Chat messages with image placeholders: `images_per_turn[i]` of them before user turn i's text
+    (the history's turns, then `message`). None: one image, in the first user turn, where it stays."""
     messages = [{"role": "system", "content": [_text(system_prompt)]}] if system_prompt.strip() else []
     users = [turn.user for turn in history] + [message]
     answers = [turn.assistant for turn in history]
+    counts = _image_counts(images_per_turn, len(users))
     for index, user in enumerate(users):
-        parts = [{"type": "image"}, _text(user)] if index == 0 else [_text(user)]
+        parts = [{"type": "image"} for _ in range(counts[index])] + [_text(user)]
         messages.append({"role": "user", "content": parts})
         if index < len(answers):
             messages.append({"role": "assistant", "content": [_text(answers[index])]})
     return messages
 
 
-def render_llava_chat(processor, system_prompt: str, history: list[Turn], message: str) -> str:
-    """The processor's chat template; without one, LLaVA-1.5's Vicuna v1 format, said explicitly."""
+def _image_counts(images_per_turn: Sequence[int] | None, turns: int) -> list[int]:
+    if images_per_turn is None:
+        return [1] + [0] * (turns - 1)
+    if len(images_per_turn) != turns:
+        raise ValueError(f"images are placed in {len(images_per_turn)} user turns, but there are {turns}")
+    return list(images_per_turn)
+
+
+def render_llava_chat(
+    processor,
+    system_prompt: str,
+    history: list[Turn],
+    message: str,
+    images_per_turn: Sequence[int] | None = None,
+) -> str:
+    """The processor's chat template; without one, LLaVA-1.5's Vicuna v1 format, said explicitly.
+
+    Each user turn's images come before its text, as llava-hf's templates put them.
+    """
     if not getattr(processor, "chat_template", None):
-        image = getattr(processor, "image_token", "<image>")
-        turns = list(history)
-        if turns:
-            turns[0] = Turn(f"{image}\n{turns[0].user}", turns[0].assistant)
-        else:
-            message = f"{image}\n{message}"
-        return vicuna_prompt(system_prompt, turns, message)
-    messages = llava_messages(system_prompt, history, message)
+        image = getattr(processor, "image_token", "<image>") + "\n"
+        counts = _image_counts(images_per_turn, len(history) + 1)
+        turns = [Turn(image * n + t.user, t.assistant) for n, t in zip(counts, history, strict=False)]
+        return vicuna_prompt(system_prompt, turns, image * counts[-1] + message)
+    messages = llava_messages(system_prompt, history, message, images_per_turn)
     try:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except TemplateError:
-        # Some templates refuse a system role: fold it into the first user turn.
-        merged = llava_messages("", history, message)
-        merged[0]["content"][1] = _text(f"{system_prompt.strip()}\n\n{merged[0]['content'][1]['text']}")
+        # Some templates refuse a system role: fold it into the first user turn (its text is last).
+        merged = llava_messages("", history, message, images_per_turn)
+        merged[0]["content"][-1] = _text(f"{system_prompt.strip()}\n\n{merged[0]['content'][-1]['text']}")
         return processor.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
 
 
@@ -76,14 +96,20 @@ def _rgb(image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def encode_image_prompt(loaded: LoadedVision, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs on the model's devices; floating tensors (pixels) in the vision tower's dtype."""
+def encode_image_prompt(
+    loaded: LoadedVision, image: Image.Image | Sequence[Image.Image], prompt: str
+) -> dict[str, torch.Tensor]:
+    """Processor outputs on the model's devices; floating tensors (pixels) in the vision tower's dtype.
+
+    `image` may be a sequence, in the order of the prompt's image placeholders (LLaVA: one block of
+    image tokens each); an empty one encodes the text alone.
+    """
+    several = isinstance(image, (list, tuple))
+    images = ([_rgb(one) for one in image] or None) if several else _rgb(image)
     bos = loaded.tokenizer.bos_token
     # Like prompting.encode_rendered: exactly one BOS whether or not a chat template wrote it.
     add_bos = not (bos and prompt.startswith(bos))
-    inputs = loaded.processor(
-        images=_rgb(image), text=prompt, return_tensors="pt", add_special_tokens=add_bos
-    )
+    inputs = loaded.processor(images=images, text=prompt, return_tensors="pt", add_special_tokens=add_bos)
     device = input_device(loaded.model)
     pixels = _vision_dtype(loaded.model)
     return {
@@ -113,8 +139,8 @@ def overflow(loaded: LoadedVision, inputs: dict[str, torch.Tensor], max_new_toke
     length = inputs["input_ids"].shape[-1]
     if length > budget:
         return (
-            f"The prompt needs {length} tokens (image included) but only {budget} fit in the context "
-            "window after room for the reply. Shorten the text or lower max_new_tokens."
+            f"The prompt needs {length} tokens ({_images_in(inputs)} included) but only {budget} fit in the "
+            "context window after room for the reply. Shorten the text or lower max_new_tokens."
         )
     qformer_ids = inputs.get("qformer_input_ids")
     qformer_config = getattr(loaded.model.config, "qformer_config", None)
@@ -122,6 +148,12 @@ def overflow(loaded: LoadedVision, inputs: dict[str, torch.Tensor], max_new_toke
     if qformer_ids is not None and qformer_limit and qformer_ids.shape[-1] > qformer_limit:
         return f"The question is {qformer_ids.shape[-1]} tokens; the Q-Former reads at most {qformer_limit}."
     return None
+
+
+def _images_in(inputs: dict[str, torch.Tensor]) -> str:
+    pixels = inputs.get("pixel_values")
+    count = 0 if pixels is None else int(pixels.shape[0])
+    return "image" if count <= 1 else f"its {count} images"
 
 
 def prompt_size(inputs: dict[str, torch.Tensor]) -> int:

@@ -45,6 +45,12 @@ def final_probabilities(
     return torch.softmax(scores, dim=-1)
 
 
+def token_after(tokenizer, ids: list[int], token_id: int) -> str:
+    """The text token `token_id` adds after `ids` (decoded alone, a SentencePiece token loses its space)."""
+    before = tokenizer.decode(ids, skip_special_tokens=False)
+    return tokenizer.decode(ids + [token_id], skip_special_tokens=False)[len(before) :]
+
+
 class Inspector:
     """Owns a small per-model cache of last-position logits; safe to share between requests."""
 

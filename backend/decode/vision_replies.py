@@ -37,6 +37,7 @@ from backend.decode.image_prompts import (
 )
 from backend.decode.stopping import StopWordMatcher
 from backend.errors import BadInput, ContextOverflow
+from backend.images import ConversationImages
 from backend.models.vision_loading import LLAVA_FAMILIES, LoadedVision, UnsupportedModel
 from backend.prompting import Turn
 from backend.replies import Reply, ReplyStream, replies_from_updates
@@ -61,13 +62,17 @@ def caption_stream(
 
 def chat_with_image_stream(
     loaded: LoadedVision,
-    image: Image.Image,
+    image: Image.Image | ConversationImages,
     history: list[Turn],
     message: str,
     settings: GenerationSettings,
     engine: Engine | None = None,
 ) -> Iterator[Reply]:
-    """LLaVA visual chat: the image stays in the first user turn; the oldest turns go first when too long."""
+    """LLaVA visual chat; the oldest turns go first when the prompt is too long.
+
+    `image` is a ConversationImages of decoded images, each placed in the user turn that sent it (a
+    dropped turn's images go with it), or one image, kept in the first user turn that remains.
+    """
     if loaded.family not in LLAVA_FAMILIES:
         raise UnsupportedModel(
             f"visual chat needs a LLaVA model; this {loaded.family} model answers one question at a time"
@@ -75,8 +80,12 @@ def chat_with_image_stream(
     if not isinstance(message, str) or not message.strip():
         raise BadInput("Message is empty: type something to send.")
     for dropped in range(len(history) + 1):
-        text = render_llava_chat(loaded.processor, settings.system_prompt, history[dropped:], message.strip())
-        inputs = encode_image_prompt(loaded, image, text)
+        placed = _kept_images(image, dropped, len(history) + 1)
+        counts = [len(images) for images in placed]
+        text = render_llava_chat(
+            loaded.processor, settings.system_prompt, history[dropped:], message.strip(), counts
+        )
+        inputs = encode_image_prompt(loaded, [one for images in placed for one in images], text)
         problem = overflow(loaded, inputs, settings.max_new_tokens)
         if problem is None:
             break
@@ -86,7 +95,22 @@ def chat_with_image_stream(
     if dropped:
         turns = "turn was" if dropped == 1 else "turns were"
         notice = f"The {dropped} oldest {turns} left out to fit the model's context window."
+        lost = sum(map(len, image.by_turn[:dropped])) if isinstance(image, ConversationImages) else 0
+        if lost:
+            images = "1 image" if lost == 1 else f"{lost} images"
+            notice = notice[:-1] + f", and {images} with {'it' if dropped == 1 else 'them'}."
     return _replies(loaded, inputs, settings, engine, notice)
+
+
+def _kept_images(
+    image: Image.Image | ConversationImages, dropped: int, turns: int
+) -> list[tuple[Image.Image, ...]]:
+    """Each remaining user turn's images once the `dropped` oldest turns are left out."""
+    if not isinstance(image, ConversationImages):
+        return [(image,)] + [()] * (turns - dropped - 1)
+    if len(image.by_turn) != turns:
+        raise ValueError(f"images are given for {len(image.by_turn)} user turns, but there are {turns}")
+    return list(image.by_turn[dropped:])
 
 
 @dataclass(frozen=True)

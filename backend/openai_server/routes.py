@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from backend.contracts import takes_conversation_images
 from backend.images import ImageLimits
 from backend.openai_server.http import (
     END,
@@ -64,7 +65,8 @@ class OpenAIApi:
         self._model_name = model_name
         default = LOCAL_EXTENSIONS | (IMAGE_EXTENSIONS if vision is not None else frozenset())
         self.extensions = default if extensions is None else frozenset(extensions)
-        self.image_bytes = (vision.image_limits if vision is not None else ImageLimits()).max_bytes
+        self.image_limits = vision.image_limits if vision is not None else ImageLimits()
+        self.image_bytes = self.image_limits.max_bytes
         self.body_limit = 3 * self.image_bytes + 32 * limits.max_input_chars + 2**16
         self.created = int(time.time())
 
@@ -98,10 +100,19 @@ class OpenAIApi:
         body = parse_request(ChatCompletionRequest, await read_json(request, self.body_limit))
         self.check_model(body.model)
         refuse_unsupported(body, self.extensions)
-        conversation = to_conversation(body.messages, self.limits.max_input_chars, self.image_bytes)
-        if conversation.image is not None and self.vision is None:
+        conversation = to_conversation(
+            body.messages, self.limits.max_input_chars, self.image_bytes, self.image_limits.max_images
+        )
+        if conversation.images.count and self.vision is None:
             raise ApiError(
                 400, "Images are turned off on this server (started with --vision-model none).", "messages"
+            )
+        if conversation.images.count > 1 and not takes_conversation_images(self.vision):
+            raise ApiError(
+                400,
+                f"The conversation has {conversation.images.count} images; the model server behind this "
+                "API reads one image per request.",
+                "messages",
             )
         plan = plan_choices(body, self.limits, CHAT_MAX_TOKENS, conversation.system_prompt)
         started = await run_in_threadpool(self._start_chat, conversation, plan, body.image_pipeline)
@@ -111,11 +122,13 @@ class OpenAIApi:
         streams: list[Iterator[Reply]] = []
         try:
             for settings in plan:
-                if conversation.image is None:
+                if not conversation.images.count:
                     streams.append(self.chat.chat(conversation.message, conversation.history, settings))
                     continue
+                several = takes_conversation_images(self.vision)
+                images = conversation.images if several else conversation.image
                 result = self.vision.visual_chat(
-                    conversation.message, conversation.image, conversation.history, settings, pipeline
+                    conversation.message, images, conversation.history, settings, pipeline
                 )
                 streams.append(result.replies)
         except BaseException:

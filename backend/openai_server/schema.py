@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend.errors import InvalidSettings
+from backend.images import ConversationImages, ImageLimits
 from backend.prompting import Turn
 from backend.settings import MAX_SEED, GenerationSettings, ServerLimits, request_settings
 
@@ -21,6 +22,8 @@ MAX_CHOICES = 8  # n × prompts per request: each choice is a full generation
 CHAT_MAX_TOKENS = GenerationSettings().max_new_tokens  # OpenAI: "the model's limit"; ours is finite
 COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 IMAGE_ONLY_QUESTION = "Describe the image."
+IMAGES_ONLY_QUESTION = "Describe the images."
+MAX_IMAGES = ImageLimits().max_images  # images per request, the whole conversation's
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs, as OpenAI allows
 # Our settings fields under the names a client used, for error messages.
@@ -254,12 +257,23 @@ class Conversation:
     system_prompt: str
     history: list[Turn]
     message: str
-    image: bytes | None  # the newest image in the conversation, decoded from its data: URL
+    images: ConversationImages  # every image's bytes, decoded from its data: URL, in the turn that sent it
+
+    @property
+    def image(self) -> bytes | None:
+        """The newest image in the conversation."""
+        return self.images.newest()
 
 
-def to_conversation(messages: list[ChatMessage], max_chars: int, max_image_bytes: int) -> Conversation:
-    """System messages join the system prompt; user/assistant pairs become turns; the last must be user's."""
-    system, spoken, image = [], [], None
+def to_conversation(
+    messages: list[ChatMessage], max_chars: int, max_image_bytes: int, max_images: int = MAX_IMAGES
+) -> Conversation:
+    """System messages join the system prompt; user/assistant pairs become turns; the last must be user's.
+
+    Each user turn keeps the images its messages carried, in order; at most `max_images` in all.
+    """
+    count_images(messages, max_images)
+    system, spoken = [], []
     for index, message in enumerate(messages):
         text, images = message_parts(message, index, max_image_bytes)
         if len(text) > max_chars:
@@ -270,27 +284,45 @@ def to_conversation(messages: list[ChatMessage], max_chars: int, max_image_bytes
             )
         if images and message.role != "user":
             raise ApiError(400, "Only user messages may carry images.", f"messages[{index}].content")
-        image = images[-1] if images else image
         role = "system" if message.role == "developer" else message.role
         if role == "system":
             system.append(text)
         elif spoken and spoken[-1][0] == role:  # consecutive messages of one role read as one
-            spoken[-1] = (role, f"{spoken[-1][1]}\n\n{text}")
+            spoken[-1] = (role, f"{spoken[-1][1]}\n\n{text}", spoken[-1][2] + images)
         else:
-            spoken.append((role, text))
+            spoken.append((role, text, images))
     if not spoken or spoken[-1][0] != "user":
         raise ApiError(400, "The last message must be the user's (role 'user').", "messages")
-    turns, pending = [], ""
-    for role, text in spoken[:-1]:
+    turns, by_turn, pending, pending_images = [], [], "", []
+    for role, text, images in spoken[:-1]:
         if role == "user":
-            pending = text
+            pending, pending_images = text, images
         else:
             turns.append(Turn(pending, text))
-            pending = ""
-    message = spoken[-1][1]
-    if image is not None and not message.strip():
-        message = IMAGE_ONLY_QUESTION
-    return Conversation("\n\n".join(system), turns, message, image)
+            by_turn.append(pending_images)
+            pending, pending_images = "", []
+    _, message, new_images = spoken[-1]
+    images = ConversationImages.of([*by_turn, new_images])
+    if images.count and not message.strip():
+        message = IMAGES_ONLY_QUESTION if len(new_images) > 1 else IMAGE_ONLY_QUESTION
+    return Conversation("\n\n".join(system), turns, message, images)
+
+
+def count_images(messages: list[ChatMessage], max_images: int) -> None:
+    """400 before any image is decoded when the conversation carries more than `max_images`."""
+    count = sum(
+        isinstance(part, ImagePart)
+        for message in messages
+        if isinstance(message.content, list)
+        for part in message.content
+    )
+    if count > max_images:
+        raise ApiError(
+            400,
+            f"The conversation has {count} images; the limit is {max_images} images per request "
+            "(every image in the messages counts).",
+            "messages",
+        )
 
 
 def message_parts(message: ChatMessage, index: int, max_image_bytes: int) -> tuple[str, list[bytes]]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
-from backend.decode.inspector import Inspector
+from backend.decode.inspector import Inspector, token_after
 from backend.errors import BadInput, ContextOverflow, InvalidSettings
 from backend.prompting import (
     Prompt,
@@ -154,12 +154,14 @@ class ChatService:
         check_adapter(loaded, settings.adapter)
         ids = self.text_ids(text)
         chosen = call_on_fresh_thread(self.inspector().step, ids, settings)
-        return (
-            text
-            + loaded.tokenizer.decode(ids + [chosen], skip_special_tokens=False)[
-                len(loaded.tokenizer.decode(ids, skip_special_tokens=False)) :
-            ]
-        )
+        return text + token_after(loaded.tokenizer, ids, chosen)
+
+    def append_token(self, text: str, token_id: int) -> str:
+        """`text` plus token `token_id` as it reads after it: the Inspector's click on a listed token."""
+        tokenizer = self.holder.get().tokenizer
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < len(tokenizer):
+            raise BadInput(f"Token id {token_id!r} is not one of this tokenizer's 0 … {len(tokenizer) - 1}.")
+        return text + token_after(tokenizer, self.text_ids(text), token_id)
 
     def chat_context(self, history: list[Turn], system_prompt: str) -> str:
         """The chat as the model reads it, up to the end of the last reply."""

@@ -1,8 +1,9 @@
 """Images for the UI and API: captions, and visual chat by either of two pipelines.
 
-- "vision": a LLaVA-style model answers about the image itself, multi-turn, image kept in context.
-- "caption": the vision model describes the image and the description enters the text model's
-  conversation as context, so the chat model (e.g. Vicuna) can talk about the picture.
+- "vision": a LLaVA-style model answers about the images itself, multi-turn, every image kept in
+  context in the turn that sent it.
+- "caption": the vision model describes each image and the descriptions enter the text model's
+  conversation, each in its turn, so the chat model (e.g. Vicuna) can talk about the pictures.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from backend.contracts import PIPELINES, ChatBackend, ModelSource, VisualReply
 from backend.decode.engine import EngineLimits
 from backend.decode.vision_replies import caption_stream, chat_with_image_stream, engine_model
 from backend.errors import BadInput
-from backend.images import ImageLimits, load_image
+from backend.images import ConversationImages, ImageLimits, load_image
 from backend.models.vision_loading import LLAVA_FAMILIES
 from backend.prompting import Turn, with_image_description
 from backend.replies import Reply
@@ -27,6 +28,8 @@ CAPTION_SETTINGS = GenerationSettings(mode="greedy", max_new_tokens=60, repetiti
 
 
 class VisionService:
+    takes_conversation_images = True  # visual_chat reads every image of a ConversationImages
+
     def __init__(
         self,
         holder: ModelSource,
@@ -85,18 +88,44 @@ class VisionService:
         settings: GenerationSettings,
         pipeline: str = "auto",
     ) -> VisualReply:
-        """Answer `message` about the image (the newest one in the conversation)."""
+        """Answer `message` about the conversation's images.
+
+        `image_source` is a ConversationImages (every image, in the turn that sent it; at most
+        `image_limits.max_images`), or one image: the conversation's newest, as before.
+        """
         chosen = self.choose_pipeline(pipeline)
         self.limits.check_text("Message", message)
-        image = load_image(image_source, self.image_limits)
+        if isinstance(image_source, ConversationImages):
+            images = image_source.loaded(len(history), self.image_limits)
+        else:
+            images = load_image(image_source, self.image_limits)
         if chosen == "vision":
             replies = self._stream(
                 settings,
                 lambda loaded, engine: chat_with_image_stream(
-                    loaded, image, history, message, settings, engine
+                    loaded, images, history, message, settings, engine
                 ),
             )
             return VisualReply("vision", None, replies)
+        if not isinstance(images, ConversationImages):
+            images = ConversationImages.of([()] * len(history) + [(images,)])
+        descriptions = [self.describe(turn_images) for turn_images in images.by_turn]
+        turns = [
+            Turn(with_image_description(description, turn.user), turn.assistant) if description else turn
+            for description, turn in zip(descriptions, history, strict=False)
+        ]
+        new = descriptions[-1]
+        text = with_image_description(new, message) if new else message
+        return VisualReply("caption", new or None, self.chat.chat(text, turns, settings))
+
+    def describe(self, images) -> str:
+        """What the captioner says of one turn's decoded images: a caption, or "Image 1: …" lines in order."""
+        captions = [self._caption_for_chat(image) for image in images]
+        if len(captions) == 1:
+            return captions[0]
+        return "\n".join(f"Image {number}: {caption}" for number, caption in enumerate(captions, 1))
+
+    def _caption_for_chat(self, image) -> str:
         caption_settings = replace(CAPTION_SETTINGS, seed=0)
         description = ""
         captions = self._stream(
@@ -105,7 +134,4 @@ class VisionService:
         )
         for reply in captions:
             description = reply.text
-        if not description.strip():
-            description = "(the captioning model returned no description)"
-        replies = self.chat.chat(with_image_description(description, message), history, settings)
-        return VisualReply("caption", description, replies)
+        return description if description.strip() else "(the captioning model returned no description)"
