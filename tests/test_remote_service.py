@@ -335,6 +335,29 @@ def test_logprobs_and_the_inspector_through_the_front(front, upstream):
 
 
 @pytest.mark.slow
+def test_every_image_of_a_conversation_goes_to_the_backend_in_its_turn(front, upstream):
+    from PIL import Image
+
+    from tests.test_openai_api import EXAMPLES, data_url
+
+    house, smiley = (data_url(Image.open(EXAMPLES / name)) for name in ("house.png", "smiley.jpg"))
+
+    def user(*urls):
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        return {"role": "user", "content": [*parts, {"type": "text", "text": "What is in them?"}]}
+
+    answer = {"role": "assistant", "content": "A house."}
+    ask = {"max_tokens": 10, "temperature": 0, "seed": 0, "model": upstream.model}
+    here = openai.OpenAI(base_url=f"{front.url}/v1", api_key="none", max_retries=0)
+    there = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key=KEY, max_retries=0)
+    for conversation in ([user(house, smiley)], [user(smiley, house)], [user(house), answer, user(smiley)]):
+        mine = here.chat.completions.create(messages=conversation, **ask)
+        theirs = there.chat.completions.create(messages=conversation, **ask)
+        assert mine.choices[0].message.content == theirs.choices[0].message.content
+        assert mine.usage.prompt_tokens == theirs.usage.prompt_tokens  # every image reached it
+
+
+@pytest.mark.slow
 def test_errors_say_what_went_wrong(front):
     with pytest.raises(Exception, match="'top_p'"):
         front.client.predict(message="hi", top_p=0, api_name="/chat")

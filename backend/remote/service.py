@@ -20,7 +20,7 @@ from PIL import Image
 
 from backend.contracts import PIPELINES, VisualReply
 from backend.errors import BackendError, BadInput, InvalidSettings, ModelNotReady, UserError
-from backend.images import ImageLimits, load_image
+from backend.images import ConversationImages, ImageLimits, load_image
 from backend.model_status import LoadStatus, ModelInfo
 from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
@@ -166,16 +166,23 @@ class RemoteChatService:
     def image_chat(
         self,
         message: str,
-        image: Image.Image,
+        images: ConversationImages,
         history: list[Turn],
         settings: GenerationSettings,
         pipeline: str,
     ) -> Iterator[Reply]:
-        """`message` about `image` (already checked and decoded), sent inline as a data: URL."""
-        messages = chat_messages(settings.system_prompt, history, "")
-        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-        parts = [{"type": "text", "text": message.strip()}, {"type": "image_url", "image_url": {"url": url}}]
-        messages[-1]["content"] = parts
+        """`message` with every image (already checked and decoded) in the user turn that sent it,
+        before its text, each inline as a data: URL."""
+        messages = chat_messages(settings.system_prompt, history, message.strip())
+        users = [entry for entry in messages if entry["role"] == "user"]
+        for entry, turn_images in zip(users, images.by_turn, strict=True):
+            if turn_images:
+                urls = [
+                    "data:image/png;base64," + base64.b64encode(png_bytes(i)).decode("ascii")
+                    for i in turn_images
+                ]
+                parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+                entry["content"] = [*parts, {"type": "text", "text": entry["content"]}]
         extra = (
             {"image_pipeline": pipeline} if "image_pipeline" in self.holder.capabilities.extensions else {}
         )
@@ -336,12 +343,15 @@ class RemoteVisionService:
         takes_choice = "image_pipeline" in self.holder.capabilities.extensions
         return "caption" if requested == "caption" and takes_choice else "vision"
 
+    takes_conversation_images = True  # every image of a conversation goes on, each in its turn
+
     def caption(self, image_source, prompt: str, settings: GenerationSettings) -> Iterator[Reply]:
         if not isinstance(prompt, str) or len(prompt) > self.limits.max_input_chars:
             raise BadInput(f"The prompt must be text of at most {self.limits.max_input_chars:,} characters.")
         image = load_image(image_source, self.image_limits)
         question = prompt.strip() or IMAGE_QUESTION
-        return self.chat.image_chat(question, image, [], replace(settings, system_prompt=""), "auto")
+        one = ConversationImages.of([(image,)])
+        return self.chat.image_chat(question, one, [], replace(settings, system_prompt=""), "auto")
 
     def visual_chat(
         self,
@@ -351,7 +361,13 @@ class RemoteVisionService:
         settings: GenerationSettings,
         pipeline: str = "auto",
     ) -> VisualReply:
+        """`image_source`: a ConversationImages (each image in its turn), or one image for the new message."""
         chosen = self.choose_pipeline(pipeline)
         self.limits.check_text("Message", message)
-        image = load_image(image_source, self.image_limits)
-        return VisualReply(chosen, None, self.chat.image_chat(message, image, history, settings, pipeline))
+        if isinstance(image_source, ConversationImages):
+            images = image_source.loaded(len(history), self.image_limits)
+        else:
+            images = ConversationImages.of(
+                [()] * len(history) + [(load_image(image_source, self.image_limits),)]
+            )
+        return VisualReply(chosen, None, self.chat.image_chat(message, images, history, settings, pipeline))
