@@ -220,9 +220,10 @@ def with_logprobs(token: TokenChoice, tokenizer, logits: torch.Tensor, vocab_siz
     """`token` with its log-probability and the `top` likeliest tokens' under raw `logits` [vocab]
     (the model's own distribution, before repetition penalty, temperature, top-k and top-p)."""
     logprobs = torch.log_softmax(mask_unknown_tokens(logits.float(), vocab_size), dim=-1)
-    values, ids = torch.topk(logprobs, min(top, vocab_size)) if top else (logprobs[:0], logprobs[:0])
+    best = torch.topk(logprobs, min(top, vocab_size))
     listed = tuple(
-        (int(i), safe_decode(tokenizer, [int(i)]), float(v)) for v, i in zip(values, ids, strict=True)
+        (int(i), safe_decode(tokenizer, [int(i)]), float(v))
+        for v, i in zip(best.values, best.indices, strict=True)
     )
     return replace(token, logprob=float(logprobs[token.id]), top_logprobs=listed)
 
