@@ -439,3 +439,353 @@ def test_phone_shows_the_message_box_on_the_first_screen(browser, server, tmp_pa
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 390, "it scrolls sideways"
     finally:
         context.close()
+
+
+# --- the Inspector's clickable tokens; several images in one message ----------------------------
+# (one block, added with those two features)
+
+SMILEY = REPO_ROOT / "assets" / "examples" / "smiley.jpg"
+INSPECTED = "The weather today is"
+
+
+def listed_ids(page) -> list[str]:
+    return [
+        row.get_attribute("data-token-id") for row in page.locator("#inspector-view tr[data-token-id]").all()
+    ]
+
+
+def test_clicking_a_listed_token_appends_it_and_lists_what_follows(page, server):
+    from gradio_client import Client
+
+    from ui.inspector_view import visible_token
+
+    page.get_by_role("tab", name="Inspector").click()
+    box = page.locator("#inspector-text textarea")
+    box.fill(INSPECTED)
+    page.locator("#inspector-show").click()
+    rows = page.locator("#inspector-view tr[data-token-id]")
+    expect(rows).to_have_count(15)
+    before = listed_ids(page)
+    second = rows.nth(1)
+    token = second.get_attribute("data-token-text")
+    assert token and second.locator("code").inner_text() == visible_token(token)  # it shows what it adds
+    second.click()
+    expect(box).to_have_value(INSPECTED + token)
+    # The list is now the one for the longer text.
+    client = Client(server[0], verbose=False)
+    after = client.predict(text=INSPECTED + token, n=15, api_name="/next_tokens")["tokens"]
+    expected = [str(listed["id"]) for listed in after]
+    assert expected != before
+    for index, token_id in enumerate(expected):
+        expect(rows.nth(index)).to_have_attribute("data-token-id", token_id)
+
+
+def test_two_images_in_one_message_go_to_the_vision_model_together(page):
+    set_max_new_tokens(page, 12)
+    page.locator("#message input[type='file']").set_input_files([HOUSE, SMILEY])
+    expect(page.locator("#message img")).to_have_count(2)  # both uploaded: two thumbnails
+    reply, stats = chat_once(page, "What is in the pictures?")
+    assert reply.strip() and "answered by the vision model" in stats
+    expect(page.locator("#chatbot [data-testid='user'] img")).to_have_count(2)
+
+
+# --- versions of a conversation, Compare, presets and links -------------------------------------
+# (one block, added with those three features)
+
+VERSIONS = "#version-count"
+USERS = "#chatbot [data-testid='user']"
+
+
+def enter(page, text: str) -> None:
+    """Type into the message box and press Enter, as users send."""
+    box = page.locator("#message textarea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def set_number(page, label: str, value, within: str = "#settings") -> None:
+    box = page.locator(within).get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def numbers_lines(page):
+    return page.locator(NOTES).filter(has_text="tok/s")
+
+
+def upload(page, button: str, file) -> None:
+    """Pick `file` in the file chooser an upload button opens."""
+    with page.expect_file_chooser() as chooser:
+        page.locator(button).click()
+    chooser.value.set_files(file)
+
+
+def retry(page) -> None:
+    page.locator("#chatbot button[aria-label='Retry']").click()
+
+
+def test_retry_keeps_each_version_and_an_edit_forks_the_chat(page):
+    set_max_new_tokens(page, 8)
+    set_number(page, "Seed", 11)
+    enter(page, "First")
+    expect(numbers_lines(page)).to_have_count(1)
+    enter(page, "Second")
+    expect(numbers_lines(page)).to_have_count(2)
+    replies, lines, count = page.locator(REPLIES), numbers_lines(page), page.locator(VERSIONS)
+    first_version = replies.nth(1).inner_text()
+    expect(page.locator("#versions")).to_be_hidden()  # one version of everything: no bar
+    set_number(page, "Seed", 12)
+    retry(page)
+    expect(count).to_have_text("2/2")
+    expect(lines.nth(1)).to_contain_text("seed 12")  # each version has its own numbers line
+    expect(lines.nth(1)).to_contain_text("temperature 0.7 · top-k 50")
+    page.locator("#version-previous").click()
+    expect(count).to_have_text("1/2")
+    expect(lines.nth(1)).to_contain_text("seed 11")
+    assert replies.nth(1).inner_text() == first_version
+    expect(page.locator("#version-previous")).to_be_disabled()
+    page.locator("#version-next").click()
+    expect(lines.nth(1)).to_contain_text("seed 12")
+    # Editing the first message forks the chat; the old branch stays whole, its versions too.
+    page.locator("#chatbot button[aria-label='Edit']").first.click()
+    page.locator("#chatbot textarea").fill("Changed")
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    expect(page.locator(USERS)).to_have_text(["Changed"])
+    expect(count).to_have_text("2/2")
+    expect(page.locator("#version-about")).to_contain_text("your message “Changed”")
+    page.locator("#version-previous").click()
+    expect(page.locator(USERS)).to_have_text(["First", "Second"])
+    expect(count).to_have_text("1/2")
+    expect(lines.nth(1)).to_contain_text("seed 12")  # the version last shown there
+    replies.nth(1).click()  # a click on a message picks it for the bar
+    expect(page.locator("#version-about")).to_contain_text("the reply")
+    expect(count).to_have_text("2/2")
+    page.locator("#version-previous").click()
+    expect(lines.nth(1)).to_contain_text("seed 11")
+
+
+def test_export_and_import_keep_the_versions(page, tmp_path):
+    import json
+
+    set_max_new_tokens(page, 8)
+    set_number(page, "Seed", 21)
+    enter(page, "Hello")
+    expect(numbers_lines(page)).to_have_count(1)
+    set_number(page, "Seed", 22)
+    retry(page)
+    expect(page.locator(VERSIONS)).to_have_text("2/2")
+    expect(numbers_lines(page)).to_contain_text("seed 22")  # the retried reply is whole
+    page.locator("#export").click()
+    with page.expect_download() as download:
+        page.locator("#exported a").first.click()
+    saved = tmp_path / "conversation.json"
+    download.value.save_as(saved)
+    data = json.loads(saved.read_text())
+    assert data["version"] == 2 and len(data["branches"]["nodes"]) == 4  # start, "Hello", two replies
+    clear(page)
+    expect(page.locator("#versions")).to_be_hidden()
+    upload(page, "#import", saved)
+    expect(page.locator(VERSIONS)).to_have_text("2/2")
+    expect(numbers_lines(page)).to_contain_text("seed 22")
+    page.locator("#version-previous").click()
+    expect(numbers_lines(page)).to_contain_text("seed 21")
+    expect(page.locator(USERS)).to_have_text(["Hello"])
+    page.locator("#chatbot button[aria-label='Clear']").click()  # the Chatbot's own bin: a new chat
+    expect(page.locator("#versions")).to_be_hidden()
+    enter(page, "Again")
+    expect(numbers_lines(page)).to_have_count(1)
+    expect(page.locator(USERS)).to_have_text(["Again"])
+
+
+def open_compare(page) -> None:
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_role("button", name="Settings B").click()
+    expect(page.locator("#compare-settings-b").get_by_label("Seed", exact=True)).to_be_visible()
+
+
+def test_compare_answers_with_both_settings_and_marks_what_differs(page):
+    set_max_new_tokens(page, 12)
+    set_number(page, "Seed", 5)
+    open_compare(page)
+    expect(page.locator("#compare-settings-b").get_by_label("Seed", exact=True)).to_have_value("6")
+    set_number(page, "number input for Temperature", 1.1, within="#compare-settings-b")
+    prompt = page.locator("#compare-prompt textarea")
+    prompt.fill("Hello")
+    prompt.press("Enter")
+    for side, seed in (("a", 5), ("b", 6)):
+        stats = page.locator(f"#compare-stats-{side}")
+        expect(stats).to_contain_text("tok/s")
+        expect(stats).to_contain_text(f"seed {seed}")
+        expect(page.locator(f"#compare-reply-{side} textarea")).not_to_have_value("")
+    expect(page.locator("#compare-head-a mark")).to_have_text(["seed 5", "temperature 0.7"])
+    expect(page.locator("#compare-head-b mark")).to_have_text(["seed 6", "temperature 1.1"])
+    expect(page.locator("#compare-head-b")).to_contain_text("top-k 50")  # the same, not marked
+
+
+def engine_numbers(url: str) -> dict[str, float]:
+    """From /metrics: requests decoding now, and requests ended by a cancel so far."""
+    from urllib.request import urlopen
+
+    text = urlopen(url + "metrics", timeout=10).read().decode()
+    running = re.search(r"^playground_requests_running\{[^}]*\} (\S+)$", text, re.M)
+    abort = r'^playground_request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$'
+    aborted = re.findall(abort, text, re.M)
+    return {"running": float(running.group(1)) if running else 0.0, "aborted": sum(map(float, aborted))}
+
+
+class Gate:
+    """Stands in for model.forward: `free` passes run, then one pass per permit. A reply held there cannot
+    end on its own, so a test knows Stop, not the end, ended it."""
+
+    def __init__(self, original, free: int):
+        self.original, self.free = original, free
+        self.calls = self.ran = 0
+        self.permits = threading.Semaphore(0)
+        self.opened = False
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.free and not self.opened:
+            assert self.permits.acquire(timeout=60), "the held forward pass was never let go on"
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.ran += 1
+
+    def open(self) -> None:
+        self.opened = True
+        self.permits.release(1000)
+
+
+def test_stop_ends_both_compared_replies(page, server, monkeypatch):
+    from tests.streams import no_early_end, wait_until
+
+    url, holders = server
+    no_early_end(monkeypatch)  # a reply runs to its 300 tokens unless something ends it
+    model = holders[0].get().model
+    gate = Gate(model.forward, free=30)  # two prefills, then a few tokens each: both columns show text
+    monkeypatch.setattr(model, "forward", gate)
+    aborted = engine_numbers(url)["aborted"]
+    stopped = {"running": 0.0, "aborted": aborted + 2}
+    try:
+        set_max_new_tokens(page, 300)
+        open_compare(page)
+        page.locator("#compare-prompt textarea").fill("Hello")
+        page.locator("#compare-prompt textarea").press("Enter")
+        for side in "ab":
+            expect(page.locator(f"#compare-reply-{side} textarea")).not_to_have_value("")
+        wait_until(lambda: gate.calls > gate.free, "the engine reached the gate")
+        assert engine_numbers(url)["running"] == 2  # both decoding at once, held mid-reply
+        page.locator("#compare-stop").click()
+        while engine_numbers(url) != stopped:  # one forward pass at a time until Stop has ended both
+            assert gate.ran < gate.free + 100, "Stop did not end the two requests"
+            ran = gate.ran
+            gate.permits.release()
+            wait_until(lambda ran=ran: gate.ran > ran or engine_numbers(url) == stopped, "a pass, or the end")
+    finally:
+        gate.open()
+    for side in "ab":  # stopped, not finished: no numbers line
+        expect(page.locator(f"#compare-stats-{side}")).not_to_contain_text("tok/s")
+
+
+def open_presets(page) -> None:
+    page.get_by_role("button", name="Presets and links").click()
+    expect(page.locator("#preset-load")).to_be_visible()
+
+
+def choose_preset(page, label: str) -> None:
+    page.locator("#preset-choice input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+    expect(page.locator("#preset-choice input")).to_have_value(label)
+
+
+def preset_options(page) -> list[str]:
+    page.locator("#preset-choice input").click()
+    options = page.get_by_role("option")
+    expect(options.first).to_be_visible()
+    names = options.all_inner_texts()
+    page.keyboard.press("Escape")
+    return names
+
+
+def test_presets_are_kept_in_the_browser_and_checked_when_read(page, tmp_path):
+    import json
+
+    settings = page.locator("#settings")
+    open_presets(page)
+    choose_preset(page, "creative (built in)")
+    page.locator("#preset-load").click()
+    expect(settings.get_by_label("number input for Temperature")).to_have_value("1.1")
+    expect(settings.get_by_label("number input for Top-p")).to_have_value("0.98")
+    expect(settings.get_by_label("number input for Top-k")).to_have_value("0")
+    settings.get_by_label("System prompt").fill("You are a pirate.")
+    set_number(page, "number input for Temperature", 0.5)
+    name = page.locator("#preset-name").get_by_role("textbox")
+    name.fill("pirate")
+    name.press("Enter")
+    expect(page.locator("#preset-choice input")).to_have_value("pirate")
+    page.reload()  # a new session: the preset comes back from the browser's storage
+    expect(page.locator("#message textarea")).to_be_visible()
+    open_presets(page)
+    choose_preset(page, "pirate")
+    page.locator("#preset-load").click()
+    expect(settings.get_by_label("System prompt")).to_have_value("You are a pirate.")
+    expect(settings.get_by_label("number input for Temperature")).to_have_value("0.5")
+    page.locator("#preset-export").click()
+    with page.expect_download() as download:
+        page.locator("#presets-exported a").first.click()
+    exported = tmp_path / "presets.json"
+    download.value.save_as(exported)
+    assert json.loads(exported.read_text())["presets"]["pirate"]["system_prompt"] == "You are a pirate."
+    page.locator("#preset-delete").click()
+    expect(page.locator("#preset-choice input")).to_have_value("")
+    assert "pirate" not in preset_options(page)
+    broken = tmp_path / "broken.json"
+    data = json.loads(exported.read_text())
+    data["presets"]["pirate"]["temperature"] = "hot"
+    broken.write_text(json.dumps(data))
+    upload(page, "#preset-import", broken)
+    expect(page.locator(".toast-body").filter(has_text="'temperature': must be a number")).to_have_count(1)
+    assert "pirate" not in preset_options(page)
+    upload(page, "#preset-import", exported)
+    expect(page.locator(".toast-body").filter(has_text="Imported 1 preset")).to_have_count(1)
+    assert "pirate" in preset_options(page)
+
+
+def untimed(numbers: str) -> list[str]:
+    """A numbers line without its timings."""
+    return [part for part in numbers.split(" · ") if "tok/s" not in part and "first token" not in part]
+
+
+def test_a_link_sets_up_the_page_again_and_a_bad_link_only_warns(page, server):
+    url, _ = server
+    elsewhere: list[str] = []
+    page.on("request", lambda request: None if request.url.startswith(url) else elsewhere.append(request.url))
+    settings = page.locator("#settings")
+    set_max_new_tokens(page, 10)
+    set_number(page, "Seed", 7)
+    set_number(page, "number input for Temperature", 0.3)
+    settings.get_by_label("System prompt").fill("Answer in French.")
+    page.locator("#message textarea").fill("Bonjour")
+    open_presets(page)
+    page.locator("#setup-link-make").click()
+    link = page.locator("#setup-link").get_by_role("textbox")
+    expect(link).to_have_value(re.compile("^" + re.escape(url) + r"\?.*seed=7"))
+    address = link.input_value()
+    page.locator("#message textarea").press("Enter")
+    numbers = stats_note(page).inner_text()  # the whole reply is in
+    reply = reply_text(page)
+    assert "seed 7" in numbers and "temperature 0.3" in numbers
+    assert elsewhere == [], "the link was made by another server"
+    page.goto(address)  # a fresh page, set up by the link alone
+    expect(page.locator("#message textarea")).to_have_value("Bonjour")
+    expect(settings.get_by_label("Seed", exact=True)).to_have_value("7")
+    expect(settings.get_by_label("number input for Temperature")).to_have_value("0.3")
+    expect(settings.get_by_label("System prompt")).to_have_value("Answer in French.")
+    page.locator("#message textarea").press("Enter")
+    assert untimed(stats_note(page).inner_text()) == untimed(numbers)  # the same seed and settings
+    assert reply_text(page) == reply  # so the same reply
+    page.goto(url + "?seed=3&temperature=hot")
+    warning = page.locator(".toast-body").filter(has_text="The link's setup was not applied")
+    expect(warning).to_contain_text("'temperature': must be a number")
+    expect(settings.get_by_label("Seed", exact=True)).to_have_value("-1")  # nothing of it was applied

@@ -297,3 +297,16 @@ def test_idle_throughput_chart_has_a_readable_scale():
     refresh = next(function.fn for function in demo.fns.values() if plot in function.outputs)
     for drawn in (plot, refresh()[-1]):  # as built, and as the page's timer redraws it
         assert drawn.x_lim == [-119.0, 0.0] and drawn.y_lim == [0.0, 1.0]
+
+
+def test_the_page_adds_no_public_endpoint(service):
+    """Versions, Compare and presets are UI events: private, so the API stays the four named endpoints."""
+    from ui.layout import build_ui
+
+    demo = build_ui(service, None, LIMITS, concurrency=2)
+    info = demo.get_api_info()
+    assert set(info["named_endpoints"]) == {"/chat", "/complete", "/caption", "/next_tokens"}
+    assert info["unnamed_endpoints"] == {}
+    chat = [p["parameter_name"] for p in info["named_endpoints"]["/chat"]["parameters"]]
+    assert chat[:3] == ["message", "system_prompt", "seed"] and chat[-1] == "adapter"
+    assert set(chat) == {"message", *GenerationSettings.field_names()} - {"logprobs"}

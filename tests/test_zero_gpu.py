@@ -61,5 +61,6 @@ def test_the_ui_wraps_every_generating_handler(fake_spaces, demo_text_dir):
     chat = ChatService(ModelHolder(ModelSpec(str(demo_text_dir))), ServerLimits())
     vision = VisionService(ModelHolder(ModelSpec("demo:tiny-llava")), chat, ServerLimits(), ImageLimits())
     build_ui(chat, vision, ServerLimits(), concurrency=2)
-    ui_handlers = ["on_chat", "on_retry", "on_edit", "on_complete", "on_caption"]
+    ui_handlers = ["on_chat", "on_retry", "on_edit", "on_complete", "on_caption", "on_compare"]
+    ui_handlers += ["on_show", "on_live", "on_step", "on_pick", "on_from_chat"]  # the Inspector's forwards
     assert sorted(fake_spaces) == sorted(ui_handlers + ["chat", "complete", "next_tokens", "caption"])

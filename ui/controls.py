@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -14,14 +15,30 @@ DEFAULTS = GenerationSettings()
 NEUTRAL = {"top_k": 0, "repetition_penalty": 1.0, "num_beams": 1}
 
 
+def page_defaults(limits: ServerLimits) -> GenerationSettings:
+    """The settings the page starts with: the defaults, max new tokens within this server's limit."""
+    return replace(DEFAULTS, max_new_tokens=min(DEFAULTS.max_new_tokens, limits.max_new_tokens))
+
+
+def control_values(settings: GenerationSettings) -> dict[str, Any]:
+    """The settings as the controls hold them: stop words one per line, a newline in one written \\n."""
+    values = settings.to_dict()
+    values["stop_words"] = "\n".join(word.replace("\n", "\\n") for word in settings.stop_words)
+    return values
+
+
 def build_controls(
-    limits: ServerLimits, unsupported: Mapping[str, str] | None = None, adapters: Sequence[str] = ()
+    limits: ServerLimits,
+    unsupported: Mapping[str, str] | None = None,
+    adapters: Sequence[str] = (),
+    elem_prefix: str = "",
 ) -> dict[str, gr.components.Component]:
     """Create the controls inside the current Blocks context, keyed by settings field name.
 
     `unsupported` maps fields the engine does not take (a remote backend) to why: those controls are
     disabled at their neutral value with the reason as info; "mode" loses its beam choice instead.
     `adapters`: the LoRA adapters a request may name (the allowlist set at launch); none hides the control.
+    `elem_prefix`: for a second set of controls on the page (the Compare tab), so element ids stay unique.
     """
     unsupported = dict(unsupported or {})
 
@@ -99,6 +116,6 @@ def build_controls(
         label="Adapter",
         info="A LoRA adapter on the chat model, for this request only.",
         visible=bool(named),
-        elem_id="adapter",
+        elem_id=f"{elem_prefix}adapter",
     )
     return controls

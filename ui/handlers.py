@@ -16,6 +16,7 @@ from backend.errors import UserError
 from backend.settings import ServerLimits, request_settings
 from ui.chat_text import as_typed, shown
 from ui.messages import history_to_turns, is_note, note, text_of
+from ui.settings_text import settings_line
 from ui.token_view import tokens_html
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def chat_turn(
         yield refusal(message, history, error)
         return
     history = history + [{"role": "user", "content": shown(message.strip())}]
-    yield from stream_reply(replies, history, settings.mode == "beam", colour)
+    yield from stream_reply(replies, history, settings.mode == "beam", colour, settings=settings)
 
 
 def refusal(message: str, history: list[dict], error: Exception) -> tuple[str, list[dict], str]:
@@ -55,9 +56,12 @@ def refusal(message: str, history: list[dict], error: Exception) -> tuple[str, l
 
 
 def stream_reply(
-    replies, history: list[dict], beam: bool, colour: bool, answered_by: str = ""
+    replies, history: list[dict], beam: bool, colour: bool, answered_by: str = "", settings=None
 ) -> Iterator[tuple[str, list[dict], str]]:
-    """Show the reply growing after `history`; failures keep what came and add a note."""
+    """Show the reply growing after `history`; failures keep what came and add a note.
+
+    With `settings`, the numbers line under the reply also says them: each retried version keeps its own.
+    """
     pending = note(f"⏳ {BEAM_NOTE}") if beam else {"role": "assistant", "content": ""}
     yield "", history + [pending], ""
     reply = None
@@ -80,7 +84,8 @@ def stream_reply(
         return
     notes = [note(f"ℹ️ {reply.notice}")] if reply.notice else []
     answer = {"role": "assistant", "content": shown(reply.text)}
-    stats = reply.stats_line() + (f" · {answered_by}" if answered_by else "")
+    stats = reply.stats_line() + (f" · {settings_line(settings)}" if settings else "")
+    stats += f" · {answered_by}" if answered_by else ""
     view = tokens_html(reply.tokens, reply.text) if colour else ""
     yield "", history + [answer, note(stats)] + notes, view
 

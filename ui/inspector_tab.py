@@ -10,6 +10,7 @@ import gradio as gr
 
 from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits, request_settings
+from backend.zero_gpu import on_gpu
 from ui.handlers import failure_message, report
 from ui.inspector_view import distribution_html
 from ui.messages import history_to_turns
@@ -91,6 +92,15 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
             return error_html(error)
         return distribution_html(result.to_dict())
 
+    @on_gpu
+    def on_show(data):
+        return render(data)
+
+    @on_gpu
+    def on_live(data):  # a slider moved: errors show in the view, without a toast each time
+        return render(data, quiet=True)
+
+    @on_gpu
     def on_step(data):
         try:
             data[text] = service.step_text(data[text], settings_of(data))
@@ -99,6 +109,7 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
             return gr.update(), error_html(error)
         return data[text], render(data)
 
+    @on_gpu
     def on_pick(data, event: gr.EventData):
         try:
             data[text] = with_picked_token(service, data[text] or "", getattr(event, "_data", None))
@@ -107,6 +118,7 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
             return gr.update(), error_html(error)
         return data[text], render(data)
 
+    @on_gpu
     def on_from_chat(data):
         system_prompt = data[controls["system_prompt"]]
         try:
@@ -118,15 +130,13 @@ def wire_inspector(service, limits: ServerLimits, tab: InspectorTab, controls: d
 
     inputs = {text, count} | control_inputs
     private = {"api_visibility": "private", "concurrency_id": "inspector"}
-    tab.show.click(render, inputs, view, **private)
-    text.submit(render, inputs, view, **private)
+    tab.show.click(on_show, inputs, view, **private)
+    text.submit(on_show, inputs, view, **private)
     tab.step.click(on_step, inputs, [text, view], **private)
     view.click(on_pick, inputs, [text, view], trigger_mode="once", **private)
     tab.from_chat.click(on_from_chat, inputs | {chatbot}, [text, view], **private)
     for name in LIVE_CONTROLS:
-        controls[name].change(
-            lambda data: render(data, quiet=True), inputs, view, trigger_mode="always_last", **private
-        )
+        controls[name].change(on_live, inputs, view, trigger_mode="always_last", **private)
 
 
 def with_picked_token(service, text: str, picked) -> str:

@@ -12,14 +12,26 @@ from backend.settings import ServerLimits
 from backend.zero_gpu import on_gpu
 from ui.api import register_api
 from ui.banner import banner_markdown
+from ui.branches import empty_tree, grow, path
 from ui.caption_tab import build_caption_tab, wire_caption
 from ui.chat_text import LATEX_DELIMITERS, as_typed
+from ui.compare_tab import build_compare_tab, wire_compare
 from ui.controls import build_controls
-from ui.conversation_files import export_chat, import_chat
-from ui.handlers import chat_turn, complete_text, metered_chat, metered_vision, regenerate, undo
+from ui.conversation_files import export_chat, import_chat_tree
+from ui.handlers import (
+    chat_turn,
+    complete_text,
+    last_user_index,
+    metered_chat,
+    metered_vision,
+    regenerate,
+    undo,
+)
 from ui.inspector_tab import build_inspector_tab, wire_inspector
 from ui.page import ENTER_GUARD_JS, PAGE_CSS
+from ui.presets_panel import build_presets_panel, wire_presets
 from ui.system_tab import build_system_tab
+from ui.versions import bar_values, build_version_bar, remembered, wire_versions
 from ui.visual_chat import PIPELINE_CHOICES, needs_vision_model, visual_turn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -75,6 +87,9 @@ def build_ui(
                         send = gr.Button("Send", variant="primary", elem_id="send", min_width=80)
                         stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
                         clear = gr.Button("Clear", elem_id="clear", min_width=80)
+                    version_bar = build_version_bar()
+                    # Every version of the conversation (ui.branches); the Chatbot shows its chosen path.
+                    tree = gr.State(empty_tree())
                     gr.Examples(
                         [[{"text": p, "files": []}] for p in EXAMPLE_PROMPTS], inputs=[message], label="Try"
                     )
@@ -105,11 +120,14 @@ def build_ui(
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_completion = gr.Button("Stop", variant="stop", elem_id="stop-completion")
+                compare_tab = build_compare_tab(limits, unsupported, getattr(service, "adapters", ()))
                 caption_tab = build_caption_tab(describe_limits(vision.image_limits)) if vision else None
                 inspector = build_inspector_tab()
                 switches = build_system_tab(demo, service, vision.holder if vision else None)
-            with gr.Column(scale=1, min_width=280), gr.Accordion("Generation settings", open=True):
-                controls = build_controls(limits, unsupported, getattr(service, "adapters", ()))
+            with gr.Column(scale=1, min_width=280):
+                with gr.Accordion("Generation settings", open=True, elem_id="settings"):
+                    controls = build_controls(limits, unsupported, getattr(service, "adapters", ()))
+                presets = build_presets_panel()
 
         control_inputs = set(controls.values())
         generation = {
@@ -130,7 +148,7 @@ def build_ui(
         def on_chat(data, request: gr.Request = None):
             value = data[message] or {}
             text, files = value.get("text") or "", list(value.get("files") or [])
-            history, values = data[chatbot], values_of(data)
+            history, values = path(data[tree]), values_of(data)
             if needs_vision_model(vision, history, files, data[pipeline]):
                 answering = metered_vision(vision, rate_limit, request)
                 turns = visual_turn(
@@ -140,31 +158,39 @@ def build_ui(
                 turns = chat_turn(
                     metered_chat(service, rate_limit, request), limits, text, history, values, data[colour]
                 )
-            for box, new_history, view in turns:
-                yield as_box(box, files), new_history, view
+            for box, *rest in remembered(turns, data[tree], len(history)):
+                yield as_box(box, files) if isinstance(box, str) else box, *rest
+
+        def branch_point(history: list[dict], index: int, after_user: int) -> int:
+            """Where a retry (after_user=1) or an edit (0) of message `index` starts a new version."""
+            start = last_user_index(history, index)
+            return len(history) if start is None else start + after_user
 
         @on_gpu
         def on_retry(data, event: gr.RetryData, request: gr.Request = None):
             answering = metered_chat(service, rate_limit, request)
-            yield from regenerate(
-                answering, limits, data[chatbot], event.index, values_of(data), data[colour]
-            )
+            history = path(data[tree])
+            turns = regenerate(answering, limits, history, event.index, values_of(data), data[colour])
+            yield from remembered(turns, data[tree], branch_point(history, event.index, 1))
 
         @on_gpu
         def on_edit(data, event: gr.EditData, request: gr.Request = None):
-            yield from regenerate(
+            history = path(data[tree])
+            turns = regenerate(
                 metered_chat(service, rate_limit, request),
                 limits,
-                data[chatbot],
+                history,
                 event.index,
                 values_of(data),
                 data[colour],
                 new_text=as_typed(event.value),  # the edit box shows the message as stored, escaped
             )
+            yield from remembered(turns, data[tree], branch_point(history, event.index, 0))
 
-        def on_undo(history, event: gr.UndoData):
-            text, kept = undo(history, event.index)
-            return {"text": text, "files": []}, kept
+        def on_undo(current, event: gr.UndoData):
+            text, kept = undo(path(current), event.index)
+            undone = grow(current, len(kept), kept)  # what was undone stays, as another version
+            return {"text": text, "files": []}, kept, undone, *bar_values(undone)
 
         @on_gpu
         def on_complete(data, request: gr.Request = None):
@@ -173,26 +199,39 @@ def build_ui(
             )
 
         def on_export(data):
-            path = export_chat(data[chatbot], values_of(data), holder.loaded_name, limits)
-            return gr.File(value=path, visible=True)
+            file = export_chat(path(data[tree]), values_of(data), holder.loaded_name, limits, data[tree])
+            return gr.File(value=file, visible=True)
 
-        chat_inputs = {message, chatbot, colour, pipeline} | control_inputs
-        chat_outputs = [message, chatbot, token_view]
+        def on_import(file):
+            imported, *rest = import_chat_tree(file, limits, list(controls))
+            if not (isinstance(imported, dict) and "nodes" in imported):  # a refused file: nothing changes
+                return [imported, *rest, *[gr.skip()] * len(version_bar.outputs)]
+            return [imported, *rest, *bar_values(imported)]
+
+        chat_inputs = {message, chatbot, tree, colour, pipeline} | control_inputs
+        chat_outputs = [message, chatbot, token_view, tree, *version_bar.outputs]
         chat_events = [
             message.submit(on_chat, chat_inputs, chat_outputs, **generation),
             send.click(on_chat, chat_inputs, chat_outputs, **generation),
             chatbot.retry(on_retry, chat_inputs, chat_outputs, **generation),
             chatbot.edit(on_edit, chat_inputs, chat_outputs, **generation),
         ]
-        stop.click(None, None, None, cancels=chat_events)
-        chatbot.undo(on_undo, chatbot, [message, chatbot], **private)
-        clear.click(lambda: ([], EMPTY_BOX, ""), None, [chatbot, message, token_view], **private)
+        stop.click(bar_values, tree, version_bar.outputs, cancels=chat_events, **private)
+        chatbot.undo(on_undo, tree, [message, chatbot, tree, *version_bar.outputs], **private)
+        clear.click(
+            lambda: ([], EMPTY_BOX, "", empty_tree(), *bar_values(empty_tree())),
+            None,
+            [chatbot, message, token_view, tree, *version_bar.outputs],
+            **private,
+        )
+        # The Chatbot's own bin empties it in the browser: the tree goes with it.
+        chatbot.clear(
+            lambda: (empty_tree(), *bar_values(empty_tree())), None, [tree, *version_bar.outputs], **private
+        )
+        wire_versions(version_bar, chatbot, tree, token_view)
         export_button.click(on_export, chat_inputs, exported, **private)
         import_button.upload(
-            lambda path: import_chat(path, limits, list(controls)),
-            import_button,
-            [chatbot, *controls.values()],
-            **private,
+            on_import, import_button, [tree, chatbot, *controls.values(), *version_bar.outputs], **private
         )
         completion = generate.click(
             on_complete, {text} | control_inputs, [text, completion_stats], **generation
@@ -212,5 +251,7 @@ def build_ui(
         if caption_tab is not None:
             wire_caption(vision, limits, caption_tab, controls, generation, rate_limit)
         wire_inspector(service, limits, inspector, controls, chatbot)
+        wire_compare(service, limits, compare_tab, controls, chatbot, generation, rate_limit)
+        wire_presets(demo, presets, controls, message, limits)
         register_api(service, vision, limits, concurrency, rate_limit)
     return demo

@@ -25,6 +25,15 @@ ENTER_GUARD_JS = """
 
 PAGE_CSS = """
 #banner details > summary { cursor: pointer; }
+/* The version bar: ◀ 2/3 ▶ together, then what they act on. */
+#versions { align-items: center; flex-wrap: nowrap; gap: 0.5em; }
+#versions > * { flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; }
+#versions > #version-about { flex: 1 1 10em !important; font-size: 0.85em; opacity: 0.85; }
+#version-count { font-variant-numeric: tabular-nums; }
+#version-previous, #version-next { font-size: 1.1em; }
+/* Compare: the settings that differ between A and B. */
+.compare-head mark { background: #fde68a; color: inherit; border-radius: 3px; padding: 0 2px; }
+.compare-head p { font-size: 0.9em; margin: 0; }
 /* Phones: the message box on the first screen (the chat is shorter, the title smaller). */
 @media (max-width: 640px) {
   #title h1 { font-size: 1.4em; margin: 0.2em 0; }
