@@ -75,6 +75,7 @@ class Services:
     api_extensions: frozenset[str] | None = None  # non-OpenAI /v1 parameters; None: all of ours
     rate_limit: object | None = None  # a ClientRateLimit the UI, its API and /v1 share; None: no limit
     metrics: Metrics | None = None  # what GET /metrics serves
+    images_off: str | None = None  # why images are off, where a backend server takes none (the UI says it)
 
 
 def image_limits(config: AppConfig) -> ImageLimits:
@@ -154,6 +155,7 @@ def remote_services(config: AppConfig, stats: RequestStats) -> Services:
         lambda: holder.loaded_name,
         capabilities.unsupported(),
         capabilities.api_extensions(images=images is not None),
+        images_off=capabilities.images_off_reason() if config.vision_model else None,
     )
 
 
@@ -171,6 +173,7 @@ def build_demo(config: AppConfig, services: Services) -> gr.Blocks:
         config.server.concurrency,
         services.unsupported,
         rate_limit=services.rate_limit,
+        images_off=services.images_off,
     )
     return demo.queue(max_size=config.server.queue_size, default_concurrency_limit=config.server.concurrency)
 

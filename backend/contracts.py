@@ -17,6 +17,11 @@ from backend.replies import Reply
 from backend.request_stats import RequestStats
 from backend.settings import GenerationSettings, ServerLimits
 
+# What a request with an image hears where images are off (the UI also says why, before anyone uploads).
+IMAGES_OFF = (
+    "Images are turned off on this server: it was started with --vision-model none, or the backend "
+    "server behind it takes no images."
+)
 PIPELINES = ("auto", "vision", "caption")  # how an image reaches a chat: see services/vision.py
 
 

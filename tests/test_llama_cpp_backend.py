@@ -270,6 +270,11 @@ def test_an_image_for_a_text_only_llama_cpp_model_is_refused(front, image_zoo):
     picture = handle_file(str(image_zoo["good"]["picture.webp"]))
     with pytest.raises(Exception, match="(?i)images are"):
         front.client.predict(image=picture, max_new_tokens=4, api_name="/caption")
+    import httpx
+
+    page = httpx.get(f"{front.url}/config").json()  # what the browser builds the page from
+    notes = [c["props"].get("value") for c in page["components"] if c["props"].get("elem_id") == "images-off"]
+    assert len(notes) == 1 and "llama.cpp" in notes[0]  # said on the page, before anyone uploads
 
 
 def test_a_character_spanning_tokens_reaches_the_front(front, llama_server):

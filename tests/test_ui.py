@@ -310,3 +310,41 @@ def test_the_page_adds_no_public_endpoint(service):
     chat = [p["parameter_name"] for p in info["named_endpoints"]["/chat"]["parameters"]]
     assert chat[:3] == ["message", "system_prompt", "seed"] and chat[-1] == "adapter"
     assert set(chat) == {"message", *GenerationSettings.field_names()} - {"logprobs"}
+
+
+def test_where_images_are_off_the_page_says_why_and_offers_no_upload(service, demo_vision_dirs):
+    from backend.contracts import IMAGES_OFF
+    from ui.layout import build_ui
+
+    def page(vision, images_off=None):
+        demo = build_ui(service, vision, LIMITS, concurrency=2, images_off=images_off)
+        box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "message")
+        notes = [b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "images-off"]
+        return box, notes
+
+    box, notes = page(None, "Images are off: the backend server (tiny.gguf, llama.cpp) ...")
+    assert box.sources == [] and notes == ["ℹ️ Images are off: the backend server (tiny.gguf, llama.cpp) ..."]
+    assert page(None)[1] == [f"ℹ️ {IMAGES_OFF}"]  # --vision-model none
+    from backend.images import ImageLimits
+    from backend.models.holder import ModelHolder
+    from backend.models.loading import ModelSpec
+    from backend.services.vision import VisionService
+
+    holder = ModelHolder(ModelSpec(str(demo_vision_dirs["demo:tiny-llava"])), False)
+    box, notes = page(VisionService(holder, service, LIMITS, ImageLimits()))
+    assert box.sources == ["upload"] and notes == []
+
+
+def test_a_coloured_reply_asks_for_token_numbers_which_a_backend_server_gives_only_when_asked():
+    from ui.handlers import chat_turn
+
+    asked = []
+
+    class Service:
+        def chat(self, message, turns, settings):
+            asked.append(settings.logprobs)
+            return iter(())
+
+    for colour, mode in ((True, "sample"), (False, "sample"), (True, "beam")):
+        list(chat_turn(Service(), LIMITS, "Hi", [], {"mode": mode, "seed": 1, "max_new_tokens": 8}, colour))
+    assert asked == [3, -1, -1]  # beam search reports none

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from backend.contracts import IMAGES_OFF
 from backend.errors import BadInput, UserError
 from backend.settings import GenerationSettings, ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
@@ -113,7 +114,7 @@ def register_api(service, vision, limits: ServerLimits, concurrency: int, rate_l
 
         def replies():
             if vision is None:
-                raise BadInput("Images are turned off on this server (started with --vision-model none).")
+                raise BadInput(IMAGES_OFF)
             settings = request_settings(values, limits)
             return metered_vision(vision, rate_limit, request).caption(path, prompt, settings)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from backend.contracts import IMAGES_OFF
 from backend.errors import BadInput
 from backend.settings import ServerLimits, request_settings
 from backend.zero_gpu import on_gpu
@@ -67,7 +68,7 @@ def caption_image(
     """Yield (caption so far, stats line)."""
     try:
         if vision is None:
-            raise BadInput("Images are turned off on this server (started with --vision-model none).")
+            raise BadInput(IMAGES_OFF)
         if not image:
             raise BadInput("No image: upload, paste or take one first.")
         settings = request_settings(values, limits)

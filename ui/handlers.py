@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -42,12 +43,17 @@ def chat_turn(
     history = list(history or [])
     try:
         settings = request_settings(values, limits)
+        if colour and settings.mode != "beam":  # a backend server reports token numbers only when asked
+            settings = replace(settings, logprobs=max(settings.logprobs, COLOURED_ALTERNATIVES))
         replies = service.chat(message, history_to_turns(history), settings)
     except Exception as error:  # nothing started: keep the typed message so it can be fixed and resent
         yield refusal(message, history, error)
         return
     history = history + [{"role": "user", "content": shown(message.strip())}]
     yield from stream_reply(replies, history, settings.mode == "beam", colour, settings=settings)
+
+
+COLOURED_ALTERNATIVES = 3  # alternatives a coloured reply's hover lists
 
 
 def refusal(message: str, history: list[dict], error: Exception) -> tuple[str, list[dict], str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from backend.contracts import IMAGES_OFF
 from backend.images import describe_limits
 from backend.settings import ServerLimits
 from backend.zero_gpu import on_gpu
@@ -44,12 +45,19 @@ EMPTY_BOX = {"text": "", "files": []}
 
 
 def build_ui(
-    service, vision, limits: ServerLimits, concurrency: int, unsupported=None, rate_limit=None
+    service,
+    vision,
+    limits: ServerLimits,
+    concurrency: int,
+    unsupported=None,
+    rate_limit=None,
+    images_off: str | None = None,
 ) -> gr.Blocks:
     """`service` is a backend ChatService and `vision` a VisionService, or None when images are off.
 
     Duck-typed: ui/ never imports torch. `unsupported`: settings a remote backend does not take, and why.
     `rate_limit`: a services.rate_limit.ClientRateLimit that generation requests count against, or None.
+    `images_off`: why images are off, shown under the message box (when `vision` is None).
     """
     holder = service.holder
     models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])
@@ -76,12 +84,14 @@ def build_ui(
                         lines=1,  # with lines > 1 Gradio sends on Shift+Enter instead; the box still grows
                         max_lines=10,
                         submit_btn=False,
-                        file_types=["image"],
+                        file_types=["image"] if vision else None,
                         file_count="multiple",
-                        sources=["upload"],
+                        sources=["upload"] if vision else [],  # no image button where none is read
                         placeholder=MESSAGE_PLACEHOLDER,
                         html_attributes=SEND_HINT,
                     )
+                    if vision is None:  # said before anyone tries, not after
+                        gr.Markdown(f"ℹ️ {images_off or IMAGES_OFF}", elem_id="images-off")
                     with gr.Row():
                         # min_width: one row on a phone too, so Send stays on the first screen
                         send = gr.Button("Send", variant="primary", elem_id="send", min_width=80)

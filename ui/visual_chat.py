@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from backend.contracts import takes_conversation_images
+from backend.contracts import IMAGES_OFF, takes_conversation_images
 from backend.errors import BadInput
 from backend.images import ConversationImages
 from backend.settings import ServerLimits, request_settings
@@ -54,7 +54,7 @@ def visual_turn(
     history = list(history or [])
     try:
         if vision is None:
-            raise BadInput("Images are turned off on this server (started with --vision-model none).")
+            raise BadInput(IMAGES_OFF)
         settings = request_settings(values, limits)
         images = images_to_send(vision, history, new_images, pipeline)
         result = vision.visual_chat(message, images, history_to_turns(history), settings, pipeline)

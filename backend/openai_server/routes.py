@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from backend.contracts import takes_conversation_images
+from backend.contracts import IMAGES_OFF, takes_conversation_images
 from backend.images import ImageLimits
 from backend.openai_server.http import (
     END,
@@ -104,9 +104,7 @@ class OpenAIApi:
             body.messages, self.limits.max_input_chars, self.image_bytes, self.image_limits.max_images
         )
         if conversation.images.count and self.vision is None:
-            raise ApiError(
-                400, "Images are turned off on this server (started with --vision-model none).", "messages"
-            )
+            raise ApiError(400, IMAGES_OFF, "messages")
         if conversation.images.count > 1 and not takes_conversation_images(self.vision):
             raise ApiError(
                 400,
