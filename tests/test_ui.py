@@ -348,3 +348,11 @@ def test_a_coloured_reply_asks_for_token_numbers_which_a_backend_server_gives_on
     for colour, mode in ((True, "sample"), (False, "sample"), (True, "beam")):
         list(chat_turn(Service(), LIMITS, "Hi", [], {"mode": mode, "seed": 1, "max_new_tokens": 8}, colour))
     assert asked == [3, -1, -1]  # beam search reports none
+
+
+def test_uploads_are_deleted_after_a_day_so_a_long_running_space_keeps_its_disk(service):
+    from ui.layout import build_ui
+
+    demo = build_ui(service, None, LIMITS, concurrency=2)
+    every, older_than = demo.delete_cache
+    assert every <= 3600 and older_than >= 86400  # hourly; a conversation keeps its images for a day

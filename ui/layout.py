@@ -44,6 +44,9 @@ SEND_HINT = gr.InputHTMLAttributes(enterkeyhint="send")  # the phone keyboard's 
 EMPTY_BOX = {"text": "", "files": []}
 
 
+UPLOAD_CACHE = (3600, 86400)  # (how often, how old) in seconds: Gradio deletes older uploads
+
+
 def build_ui(
     service,
     vision,
@@ -65,7 +68,9 @@ def build_ui(
     def loading() -> bool:
         return any(h.status().state == "loading" for _, h in models)
 
-    with gr.Blocks(title=TITLE) as demo:
+    # Uploads stay on disk while a conversation may still read them; after a day they go, so a Space
+    # running for weeks does not fill its disk (every hour, files older than a day).
+    with gr.Blocks(title=TITLE, delete_cache=UPLOAD_CACHE) as demo:
         gr.Markdown(f"# {TITLE}", elem_id="title")
         banner_box = gr.Markdown(banner_markdown(models), elem_id="banner")
         with gr.Row():
