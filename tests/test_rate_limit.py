@@ -200,7 +200,11 @@ def test_ui_chat_refusal_is_a_note_in_the_conversation(server):
     data[by_id["message"]] = {"text": "Hello", "files": []}
     data[by_id["chatbot"]] = []
     request = request_from("192.0.2.44")  # what Gradio injects as gr.Request: .client.host and .headers
-    *served, refused = [list(block_fn.fn(data, request=request))[-1] for _ in range(3)]
+    def shown(updates: list[tuple]) -> tuple:
+        """(box, history, view) as last shown: the very last update only turns ◀ ▶ back on."""
+        return next(update for update in reversed(updates) if isinstance(update[1], list))[:3]
+
+    *served, refused = [shown(list(block_fn.fn(data, request=request))) for _ in range(3)]
     for _, history, _ in served:
         assert [turn["role"] for turn in history[:2]] == ["user", "assistant"]
         assert "Rate limit" not in str(history)
