@@ -356,3 +356,26 @@ def test_uploads_are_deleted_after_a_day_so_a_long_running_space_keeps_its_disk(
     demo = build_ui(service, None, LIMITS, concurrency=2)
     every, older_than = demo.delete_cache
     assert every <= 3600 and older_than >= 86400  # hourly; a conversation keeps its images for a day
+
+
+def test_an_api_stream_yields_while_waiting_so_that_a_cancel_can_close_it():
+    """Gradio closes a cancelled generator only between yields: one that stays inside next() while its
+    request waits in the engine's queue would keep its place there until admitted (a soak saw 'server
+    busy' from such leftovers)."""
+    from backend.replies import Reply
+    from ui.handlers import api_stream
+
+    ended = []
+
+    def replies():
+        try:
+            for position in (3, 2, 1):
+                yield Reply("", False, 0, 0.0, 1, "sample", queue_position=position)
+            yield Reply("Hi", True, 1, 0.1, 1, "sample")
+        finally:
+            ended.append(True)
+
+    stream = api_stream(replies)
+    assert next(stream) == ""  # the first queue position already returns control to Gradio
+    stream.close()
+    assert ended == [True]  # and closing it ends the request's stream

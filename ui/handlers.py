@@ -164,9 +164,10 @@ def api_stream(replies_factory) -> Iterator[str]:
         replies = replies_factory()
         text = ""
         for reply in replies:
-            if reply.queue_position:
-                continue  # API callers get text only; Gradio's own queue reports positions
-            text = reply.text
+            # API callers get text only (Gradio's own queue reports positions), but the text so far is
+            # yielded while waiting too: Gradio can close a generator only between yields, and a
+            # cancelled request must leave the engine's queue then, not once its turn comes.
+            text = text if reply.queue_position else reply.text
             yield text
     except UserError as error:
         log.warning("Refused an API request (%s): %s", type(error).__name__, error)
