@@ -53,6 +53,20 @@ def export_conversation(
     return data
 
 
+def read_exported(raw: bytes, max_bytes: int, marker: str, kinds: str, kind: str) -> dict:
+    """A file this playground exported (a conversation, presets) as JSON: its size, encoding and
+    format marker checked, BadInput naming what is wrong. `kinds`/`kind` name it in messages."""
+    if len(raw) > max_bytes:
+        raise BadInput(f"The file is {len(raw):,} bytes; {kinds} up to {max_bytes:,} bytes import.")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise BadInput(f"The file is not valid JSON ({error}).") from None
+    if not isinstance(data, dict) or data.get("format") != marker:
+        raise BadInput(f"This is not {kind} exported from this playground (no 'format' marker).")
+    return data
+
+
 def parse_conversation(raw: bytes, limits: ServerLimits) -> tuple[list[dict[str, str]], GenerationSettings]:
     """Messages (the chosen path) and settings from an exported file; BadInput says what is wrong with it."""
     conversation = read_conversation(raw, limits)
@@ -61,16 +75,7 @@ def parse_conversation(raw: bytes, limits: ServerLimits) -> tuple[list[dict[str,
 
 def read_conversation(raw: bytes, limits: ServerLimits) -> Conversation:
     """The whole file, branches included; a file without branches is one branch."""
-    if len(raw) > MAX_FILE_BYTES:
-        raise BadInput(
-            f"The file is {len(raw):,} bytes; conversations up to {MAX_FILE_BYTES:,} bytes import."
-        )
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise BadInput(f"The file is not valid JSON ({error}).") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BadInput("This is not a conversation exported from this playground (no 'format' marker).")
+    data = read_exported(raw, MAX_FILE_BYTES, FORMAT, "conversations", "a conversation")
     version = data.get("version")
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise BadInput(

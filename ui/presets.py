@@ -6,12 +6,12 @@ Whatever is read goes through GenerationSettings.from_inputs, as the chat's own 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
+from backend.conversation_io import read_exported
 from backend.errors import BadInput, InvalidSettings
 from backend.settings import GenerationSettings, ServerLimits
 from ui.controls import control_values, page_defaults
@@ -79,14 +79,7 @@ def presets_file(presets: Mapping[str, Mapping[str, Any]]) -> dict:
 
 def read_presets_file(raw: bytes, limits: ServerLimits) -> dict[str, dict[str, Any]]:
     """Every preset in an exported file, checked; BadInput names the first problem and nothing is taken."""
-    if len(raw) > MAX_PRESETS_FILE_BYTES:
-        raise BadInput(f"The file is {len(raw):,} bytes; presets files up to {MAX_PRESETS_FILE_BYTES:,} do.")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise BadInput(f"The file is not valid JSON ({error}).") from None
-    if not isinstance(data, dict) or data.get("format") != PRESETS_FORMAT:
-        raise BadInput("This is not a presets file exported from this playground (no 'format' marker).")
+    data = read_exported(raw, MAX_PRESETS_FILE_BYTES, PRESETS_FORMAT, "presets files", "a presets file")
     if data.get("version") != PRESETS_VERSION:
         version = data.get("version")
         raise BadInput(f"Presets version {version!r} is not supported; expected {PRESETS_VERSION}.")
