@@ -270,3 +270,18 @@ def test_a_reply_that_cannot_promise_its_seed_says_so():
     loose = Reply("hi", True, 2, 0.1, 7, "sample", seed_holds=False)
     assert "other text" not in kept.stats_line()
     assert "may give other text when others are served at once" in loose.stats_line()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_a_decode_rows_attention_is_sdpas_with_grouped_heads(dtype, tolerance):
+    """backend.decode.batch_cache's one-query path (CPU decode steps) against SDPA with GQA."""
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, n = 9, 3, 64, 37
+    query = torch.randn(1, 1, heads, dim, generator=generator).transpose(1, 2).to(dtype)  # as attention has it
+    keys, values = (torch.randn(1, kv_heads, n, dim, generator=generator).to(dtype) for _ in range(2))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float(), values.float(), scale=0.125, enable_gqa=True
+    )
+    got = batch_cache._attend(query, keys, values, 0.125, None, None)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.allclose(got.float(), expected, atol=tolerance, rtol=tolerance)

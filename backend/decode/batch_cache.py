@@ -130,6 +130,8 @@ def _attend(query, keys, values, scaling, sliding_window, softcap) -> torch.Tens
         if sliding_window:
             mask &= seen > positions - sliding_window
     groups = query.shape[1] // keys.shape[1]
+    if q == 1 and mask is None and softcap is None and query.device.type == "cpu" and query.dtype in REDUCED:
+        return _one_query(query, keys, values, scaling, groups)
     if softcap is not None:  # SDPA has no softcap (Gemma 2): the same maths by hand
         keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -145,6 +147,24 @@ def _attend(query, keys, values, scaling, sliding_window, softcap) -> torch.Tens
         is_causal=q > 1 and mask is None,
         enable_gqa=groups > 1,
     )
+
+
+# Where _one_query pays: side by side on this 2-core CPU, an 8-row SmolLM2-135M step took 48.7 ms against
+# SDPA's 58.0 in bfloat16 (1.19x), and 0.96-0.97x in float32, where SDPA stays.
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _one_query(query, keys, values, scaling, groups: int) -> torch.Tensor:
+    """A decode step's attention for one row on CPU: query [1, heads, 1, dim] over its keys [1, kv_heads, n,
+    dim], computed in float32. Ours because SDPA's CPU flash kernel costs about 67 µs a call in bfloat16
+    here for a few µs of work, and a step of 8 rows makes one call per row and layer (41% of the step
+    for SmolLM2's shape). Shapes depend on the row's own length only, as with SDPA."""
+    kv_heads, dim = keys.shape[1], query.shape[-1]
+    scale = scaling if scaling is not None else dim**-0.5
+    grouped = query.reshape(kv_heads, groups, dim).float()  # query head h reads kv head h // groups
+    scores = torch.bmm(grouped, keys[0].float().transpose(1, 2)) * scale  # [kv_heads, groups, n]
+    out = torch.bmm(torch.softmax(scores, dim=-1), values[0].float())  # [kv_heads, groups, dim]
+    return out.reshape(1, kv_heads * groups, 1, dim).to(query.dtype)
 
 
 def deterministic_kernels() -> None:
