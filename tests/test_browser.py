@@ -609,6 +609,10 @@ def test_compare_answers_with_both_settings_and_marks_what_differs(page):
     open_compare(page)
     expect(page.locator("#compare-settings-b").get_by_label("Seed", exact=True)).to_have_value("6")
     set_number(page, "number input for Temperature", 1.1, within="#compare-settings-b")
+    # Both of the slider's inputs hold the value before sending (one run saw B sent with A's 0.7).
+    expect(page.locator("#compare-settings-b").get_by_label("range slider for Temperature")).to_have_value(
+        "1.1"
+    )
     prompt = page.locator("#compare-prompt textarea")
     prompt.fill("Hello")
     prompt.press("Enter")
