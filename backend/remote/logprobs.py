@@ -14,6 +14,7 @@ from backend.token_probs import NextTokens, TokenChoice, TokenProbability, entro
 
 COLOURING_ALTERNATIVES = 3  # asked for on every reply: the colouring's hover lists this many
 INSPECTOR_TOKENS = 20  # the most chat's top_logprobs allows; completions' own limit may be lower
+COMPLETION_TOKENS = 5  # OpenAI's limit for completions' logprobs (ours too): asked again at this
 
 
 def logprob_params(chat: bool, count: int) -> dict:
@@ -62,9 +63,14 @@ def tokens_of(choice: dict, chat: bool, keep: int) -> list[TokenChoice]:
     tokens = []
     for index, (text, value) in enumerate(zip(texts, values, strict=False)):
         top = tops[index] if index < len(tops) and isinstance(tops[index], dict) else {}
-        ranked = sorted(((str(t), float(lp)) for t, lp in top.items()), key=lambda pair: -pair[1])
+        ranked = best_first(top)
         tokens.append(token_choice(str(text), float(value if value is not None else -math.inf), ranked, keep))
     return tokens
+
+
+def best_first(top: dict) -> list[tuple[str, float]]:
+    """A completions-shape {token: logprob} dict as (token, logprob) pairs, likeliest first."""
+    return sorted(((str(t), float(lp)) for t, lp in top.items()), key=lambda pair: -pair[1])
 
 
 def reported_bytes(value) -> tuple[int, ...] | None:
@@ -74,7 +80,7 @@ def reported_bytes(value) -> tuple[int, ...] | None:
 
 def next_tokens_from(top: dict, settings: GenerationSettings, n: int) -> NextTokens:
     """The Inspector's list from a server's top log-probabilities of one next token (completions' shape)."""
-    ranked = sorted(((str(t), float(lp)) for t, lp in top.items()), key=lambda pair: -pair[1])[:n]
+    ranked = best_first(top)[:n]
     raw = [math.exp(lp) for _, lp in ranked]
     final = warped(
         [lp for _, lp in ranked], settings.temperature, settings.top_k, settings.top_p, is_greedy(settings)

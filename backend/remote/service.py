@@ -26,6 +26,7 @@ from backend.prompting import Turn, chat_messages
 from backend.remote.capabilities import UNKNOWN_SERVER, RemoteCapabilities, sampling_payload
 from backend.remote.client import OpenAIClient
 from backend.remote.logprobs import (
+    COMPLETION_TOKENS,
     INSPECTOR_TOKENS,
     logprob_params,
     next_tokens_from,
@@ -195,10 +196,10 @@ class RemoteChatService:
         payload = {"model": model.name, "prompt": text, "max_tokens": 1, "temperature": 0.0}
         try:
             result = self.client.post_json("/completions", {**payload, "logprobs": min(n, INSPECTOR_TOKENS)})
-        except BadInput as error:  # OpenAI's own limit for completions is 5 (so is ours)
+        except BadInput as error:  # a server held to OpenAI's limit for completions (ours is)
             if "logprobs" not in str(error):
                 raise
-            result = self.client.post_json("/completions", {**payload, "logprobs": min(n, 5)})
+            result = self.client.post_json("/completions", {**payload, "logprobs": min(n, COMPLETION_TOKENS)})
         choice = (result.get("choices") or [{}])[0]
         tops = (choice.get("logprobs") or {}).get("top_logprobs") or [None]
         if not isinstance(tops[0], dict) or not tops[0]:
