@@ -30,6 +30,7 @@ class Placement:
     context_length: int | None  # what one request may reach; None: the model's window
     max_batch_size: int  # requests decoded together; the KV pool is capped at this many
     trust_remote_code: bool = False  # let model repositories run their own Python code
+    packed_weights: bool = True  # CPU linears: oneDNN on weights packed once (models.packed_weights)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def parse_config(
             context_length=int(args.context_length) if args.context_length else None,
             max_batch_size=args.max_batch_size,
             trust_remote_code=args.trust_remote_code,
+            packed_weights=not args.no_packed_weights,
         ),
         server=ServerConfig(
             host=args.host,

@@ -27,3 +27,4 @@ class ModelInfo:
     places: tuple[str, ...]  # where its weights are: devices, or the backend server
     notes: tuple[str, ...] = ()  # what the user should know, beyond the plan's warnings
     is_demo: bool = False
+    kernels: str = ""  # which linear kernels run (backend.models.packed_weights)

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import backend.decode.batch_cache as batch_cache
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.generation import RequestState
+from backend.models.packed_weights import pack_linears
 from backend.settings import GenerationSettings
 from tests.streams import last_items_together, no_early_end, plugged
 
@@ -31,7 +32,12 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+# As the app loads a model on the CPU (oneDNN on packed weights: backend.models.packed_weights), in the dtype
+# it picks here and in float32, and float32 on PyTorch's default kernels (--no-packed-weights).
+KERNELS = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
+
+
+@pytest.fixture(scope="module", params=KERNELS, ids=["float32", "bfloat16", "float32-unpacked"])
 def wide_model(request, demo_tokenizer):
     config = LlamaConfig(
         vocab_size=-(-len(demo_tokenizer) // 64) * 64,
@@ -48,7 +54,11 @@ def wide_model(request, demo_tokenizer):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    return model.to(request.param).eval()  # random weights: a fresh model has no rotary buffers to spoil
+    dtype, packed = request.param
+    model = model.to(dtype).eval()  # random weights: a fresh model has no rotary buffers to spoil
+    if packed:
+        assert pack_linears(model).layers == 3 * 7 + 1
+    return model
 
 
 @pytest.fixture
@@ -277,7 +287,9 @@ def test_a_decode_rows_attention_is_sdpas_with_grouped_heads(dtype, tolerance):
     """backend.decode.batch_cache's one-query path (CPU decode steps) against SDPA with GQA."""
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, n = 9, 3, 64, 37
-    query = torch.randn(1, 1, heads, dim, generator=generator).transpose(1, 2).to(dtype)  # as attention has it
+    query = (
+        torch.randn(1, 1, heads, dim, generator=generator).transpose(1, 2).to(dtype)
+    )  # as attention has it
     keys, values = (torch.randn(1, kv_heads, n, dim, generator=generator).to(dtype) for _ in range(2))
     expected = torch.nn.functional.scaled_dot_product_attention(
         query.float(), keys.float(), values.float(), scale=0.125, enable_gqa=True

@@ -11,6 +11,7 @@ import backend.models.loading as loading
 from backend.decode.generation import stream_generate
 from backend.models.demo_text import DEMO_TEXT_MODEL
 from backend.models.loading import ModelSpec, choose_dtype, load_text_model, quantization_config
+from backend.models.packed_weights import PackedLinear
 from backend.settings import GenerationSettings
 
 QUANTIZED_LINEAR = {"4bit": Linear4bit, "8bit": Linear8bitLt}
@@ -55,13 +56,19 @@ def test_load_quantize_and_generate(demo_cache: Path, demo_model, quantization: 
     layers = linear_layers(loaded.model)
     reference = linear_layers(demo_model)
     assert set(layers) == set(reference)
-    assert type(layers["lm_head"]) is torch.nn.Linear  # bitsandbytes never quantizes the output head
+    # bitsandbytes never quantizes the output head; on the CPU it runs oneDNN on packed weights
+    assert type(layers["lm_head"]) is PackedLinear
     body = [name for name in layers if name != "lm_head"]
     assert len(body) == 2 * 7  # two decoder layers of q, k, v, o, gate, up, down
     if quantization == "none":
-        assert all(type(layers[name]) is torch.nn.Linear for name in body)
-        for name, param in loaded.model.state_dict().items():
+        assert all(type(layers[name]) is PackedLinear for name in body)
+        stored = {name: param for name, param in loaded.model.state_dict().items() if not param.is_meta}
+        assert len(stored) > 2 * 2  # norms, the embedding (a packed layer's plain weight is dropped)
+        for name, param in stored.items():
             assert torch.equal(param, demo_model.state_dict()[name]), name
+        ids = torch.tensor([[1, 5, 9, 14, 3]])
+        with torch.inference_mode():  # the packed weights are the file's too
+            assert torch.allclose(loaded.model(ids).logits, demo_model(ids).logits, atol=1e-4)
     else:
         kind = QUANTIZED_LINEAR[quantization]
         assert all(isinstance(layers[name], kind) for name in body)

@@ -35,6 +35,8 @@ def model_markdown(holder) -> str:
         f" · **context window:** {info.context_window} tokens · **loaded in** {info.load_seconds:.1f} s",
         f"**Placed on:** {', '.join(info.places)}",
     ]
+    if info.kernels:
+        lines.append(f"**Kernels:** {info.kernels}")
     lines += [f"⚠️ {note}" for note in info.notes]
     return "\n\n".join(lines)
 

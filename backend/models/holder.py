@@ -94,6 +94,7 @@ class ModelHolder:
             places=tuple(sorted({str(device) for device in loaded.plan.device_map.values()})),
             notes=tuple(note for note in loaded.notes if note not in warnings),
             is_demo=loaded.is_demo,
+            kernels=loaded.kernels,
         )
 
     def plan_report(self) -> dict | None:

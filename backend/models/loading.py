@@ -20,6 +20,7 @@ from backend.models.adapters import AdapterSpec, attach_adapters
 from backend.models.configs import load_config
 from backend.models.demo_text import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
 from backend.models.hub import ModelUnavailable, resolve_model_dir
+from backend.models.packed_weights import pack_linears
 from backend.placement.budgets import memory_in_use, parse_gpu_memory, parse_size, visible_gpu_budgets
 from backend.placement.planner import ModelRequest, plan_models
 from backend.placement.plans import DevicePlan, JointPlan
@@ -45,6 +46,7 @@ class ModelSpec:
     offload_dir: str | None = None
     trust_remote_code: bool = False  # --trust-remote-code: the repository's own Python code may run
     adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters put on the chat model, chosen per request
+    packed_weights: bool = True  # CPU linears run oneDNN on packed weights (--no-packed-weights)
     # This model's part of a plan made for both models before loading (with_joint_plan); None: plan it alone.
     planned: DevicePlan | None = field(default=None, compare=False)
 
@@ -69,6 +71,7 @@ class LoadedModel:
     load_seconds: float
     notes: list[str] = field(default_factory=list)
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters loaded on the model
+    kernels: str = ""  # which linear kernels run (backend.models.packed_weights)
 
     @property
     def context_window(self) -> int:
@@ -256,10 +259,20 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     model.eval()
     model, adapters, adapter_notes = attach_adapters(model, spec.adapters, report)
     notes += adapter_notes
+    kernels = linear_kernels(model, spec)
     seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1f s (%s, %s)", spec.name, seconds, spec.quantization, dtype)
     for note in adapter_notes:
         log.warning("%s", note)
     return LoadedModel(
-        model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, adapters
+        model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, adapters, kernels
     )
+
+
+def linear_kernels(model, spec: ModelSpec) -> str:
+    """Pack the model's CPU linear layers for oneDNN unless --no-packed-weights; what runs, in words."""
+    if not spec.packed_weights:
+        return "PyTorch's default linear kernels (--no-packed-weights)"
+    report = pack_linears(model)
+    log.info("%s", report.text)
+    return report.text

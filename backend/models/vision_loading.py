@@ -22,6 +22,7 @@ from backend.models.loading import (
     ModelSpec,
     ProgressFn,
     context_window,
+    linear_kernels,
     plan_placement,
     quantization_config,
     remote_code,
@@ -51,6 +52,7 @@ class LoadedVision:
     dtype: torch.dtype
     load_seconds: float
     notes: list[str] = field(default_factory=list)
+    kernels: str = ""  # which linear kernels run (backend.models.packed_weights)
 
     @property
     def tokenizer(self):
@@ -112,10 +114,11 @@ def load_vision_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Lo
         offload_folder=spec.offload_dir,
     )
     model.eval()
+    kernels = linear_kernels(model, spec)
     seconds = time.perf_counter() - started
     log.info("Loaded %s (%s) in %.1f s (%s, %s)", spec.name, family, seconds, spec.quantization, dtype)
     return LoadedVision(
-        model, processor, family, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes
+        model, processor, family, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, kernels
     )
 
 
