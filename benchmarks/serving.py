@@ -547,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         report["results"].append(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "serving-quick" if args.quick else "serving"
+    if args.shape != "smollm2-135m":  # other shapes beside the default's results, not over them
+        stem += f"-{args.shape}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{stem}.md").write_text(markdown(report))
     plot(report, args.out / f"{stem}.png")
