@@ -59,6 +59,16 @@ def test_each_weight_is_stored_once_except_where_something_else_reads_it():
     assert pack_linears(untied).kept_bytes == 0 and untied.lm_head.weight.is_meta
 
 
+def test_a_shared_weight_is_copied_only_while_memory_allows():
+    output_layer = 256 * 64 * 4  # bytes of the tied output layer's weight
+    short = tiny_llama(torch.float32)
+    report = pack_linears(short, spare_bytes=output_layer - 1)
+    assert type(short.lm_head) is nn.Linear and report.kept_bytes == 0 and report.skipped == 1
+    assert "1 shared layers left unpacked" in report.text and report.layers == 2 * 7
+    roomy = tiny_llama(torch.float32)
+    assert pack_linears(roomy, spare_bytes=output_layer).kept_bytes == output_layer
+
+
 def test_a_layer_wrapped_by_lora_keeps_its_weight_and_the_adapter_still_applies():
     base = tiny_llama(torch.float32)
     model = get_peft_model(
@@ -96,6 +106,14 @@ def test_what_cannot_be_packed_says_why():
     hooked._hf_hook = object()  # what accelerate leaves on modules it offloads
     assert "offloads" in pack_linears(hooked).text and type(hooked) is nn.Linear
     assert "no plain linear layers" in pack_linears(nn.Sequential(nn.ReLU())).text
+
+
+def test_nothing_is_packed_where_a_gpu_is_present(monkeypatch):
+    """On ZeroGPU a model is loaded on the CPU and moved to a GPU inside each call: it must stay movable."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert pack_linears(model).text == "oneDNN packed weights: off (a GPU is present)"
+    assert type(model[0]) is nn.Linear and not model[0].weight.is_meta
 
 
 def test_the_app_packs_by_default_and_the_flag_turns_it_off(demo_text_dir):

@@ -259,7 +259,7 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     model.eval()
     model, adapters, adapter_notes = attach_adapters(model, spec.adapters, report)
     notes += adapter_notes
-    kernels = linear_kernels(model, spec)
+    kernels = linear_kernels(model, spec, plan)
     seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1f s (%s, %s)", spec.name, seconds, spec.quantization, dtype)
     for note in adapter_notes:
@@ -269,10 +269,12 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     )
 
 
-def linear_kernels(model, spec: ModelSpec) -> str:
-    """Pack the model's CPU linear layers for oneDNN unless --no-packed-weights; what runs, in words."""
+def linear_kernels(model, spec: ModelSpec, plan: DevicePlan) -> str:
+    """Pack the model's CPU linear layers for oneDNN unless --no-packed-weights; what runs, in words.
+    Second copies of shared weights may take half of what the plan's KV room leaves free."""
     if not spec.packed_weights:
         return "PyTorch's default linear kernels (--no-packed-weights)"
-    report = pack_linears(model)
+    spare = max(0, psutil.virtual_memory().available - plan.reserved.get("cpu", 0)) // 2
+    report = pack_linears(model, spare)
     log.info("%s", report.text)
     return report.text

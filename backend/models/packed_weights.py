@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,12 +46,15 @@ class PackReport:
     freed_bytes: int = 0  # plain weights dropped (their packed copy replaces them)
     kept_bytes: int = 0  # plain weights kept beside their packed copy (tied or wrapped by LoRA)
     reason: str = ""  # why nothing was packed, when nothing was
+    skipped: int = 0  # shared layers left unpacked: a second copy would not fit
 
     @property
     def text(self) -> str:
         if not self.layers:
             return f"oneDNN packed weights: off ({self.reason})"
         extra = f", {self.kept_bytes / 2**20:,.0f} MiB kept twice" if self.kept_bytes else ""
+        if self.skipped:
+            extra += f"; {self.skipped} shared layers left unpacked for lack of memory"
         return f"oneDNN packed weights: on ({self.layers} linear layers{extra})"
 
 
@@ -58,6 +62,8 @@ def unavailable_reason(model: nn.Module) -> str | None:
     """Why this model's linear layers cannot be packed here, or None when they can."""
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return "this torch has no oneDNN"
+    if torch.cuda.is_available():  # ZeroGPU moves a model loaded on the CPU to a GPU later: keep it movable
+        return "a GPU is present"
     parameters = list(model.parameters())
     if any(p.device.type != "cpu" for p in parameters):
         return "the model is not wholly on the CPU"
@@ -71,24 +77,30 @@ def unavailable_reason(model: nn.Module) -> str | None:
     return None
 
 
-def pack_linears(model: nn.Module) -> PackReport:
+def pack_linears(model: nn.Module, spare_bytes: int | None = None) -> PackReport:
     """Make every plain nn.Linear of `model` (quantized layers are subclasses and stay as they are) run
-    packed. Returns what was done; packs nothing, with the reason, where it cannot."""
+    packed. A layer whose plain weight must stay (shared) is packed only while the second copies fit in
+    `spare_bytes` (default: half the memory available now; the loaders leave out the KV room planned).
+    Returns what was done; packs nothing, with the reason, where it cannot."""
     reason = unavailable_reason(model)
     if reason is not None:
         return PackReport(reason=reason)
+    spare = psutil.virtual_memory().available // 2 if spare_bytes is None else spare_bytes
     shared = _weights_used_elsewhere(model)
-    layers = freed = kept = 0
+    layers = freed = kept = skipped = 0
     for module in model.modules():
         if type(module) is not nn.Linear or not module.weight.is_floating_point():
             continue
         weight = module.weight.detach()
+        size = weight.numel() * weight.element_size()
+        if id(module) in shared and kept + size > spare:
+            skipped += 1
+            continue
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
         if not layers and not _agrees(weight, module.bias, packed):
             return PackReport(reason="oneDNN's packed linear disagreed with F.linear here")
         module.__class__ = PackedLinear
         module.packed = packed
-        size = weight.numel() * weight.element_size()
         if id(module) in shared:
             kept += size
         else:  # one copy: the packed one (a meta tensor keeps the shape and dtype others read)
@@ -96,8 +108,8 @@ def pack_linears(model: nn.Module) -> PackReport:
             freed += size
         layers += 1
     if not layers:
-        return PackReport(reason="no plain linear layers")
-    return PackReport(layers, freed, kept)
+        return PackReport(reason="no plain linear layers" if not skipped else "no memory for a second copy")
+    return PackReport(layers, freed, kept, skipped=skipped)
 
 
 def _weights_used_elsewhere(model: nn.Module) -> set[int]:

@@ -114,7 +114,7 @@ def load_vision_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Lo
         offload_folder=spec.offload_dir,
     )
     model.eval()
-    kernels = linear_kernels(model, spec)
+    kernels = linear_kernels(model, spec, plan)
     seconds = time.perf_counter() - started
     log.info("Loaded %s (%s) in %.1f s (%s, %s)", spec.name, family, seconds, spec.quantization, dtype)
     return LoadedVision(
