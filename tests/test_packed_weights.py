@@ -11,8 +11,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from backend.config import parse_config
+from backend.models.holder import ModelHolder
 from backend.models.loading import ModelSpec, load_text_model
 from backend.models.packed_weights import PackedLinear, pack_linears, unavailable_reason
+from ui.system_tab import model_markdown
 
 
 def tiny_llama(dtype: torch.dtype, tied: bool = True) -> LlamaForCausalLM:
@@ -130,3 +132,6 @@ def test_the_app_packs_by_default_and_the_flag_turns_it_off(demo_text_dir):
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     with torch.inference_mode():
         assert torch.allclose(packed.model(ids).logits, plain.model(ids).logits, atol=1e-4)
+    holder = ModelHolder(spec)
+    holder.load()
+    assert "**Kernels:** oneDNN packed weights: on" in model_markdown(holder)  # the System tab says so

@@ -3,8 +3,8 @@
 Ours because neither transformers nor accelerate does this for eager models, and inductor's freezing
 pass, which does, packs float32 weights for MKL instead. Measured on this project's 2-core AMD EPYC
 (torch 2.13, MKL 2024.2, oneDNN 3.12), SmolLM2-135M's 49152 x 576 output layer for 8 rows: F.linear 11.7 ms
-(10 GB/s) against 3.1 ms packed in float32; 2.3 against 1.4 ms in bfloat16; and faster at every row count
-from 1 to 512 (benchmarks/README.md). MKL's float32 kernels run far below this CPU's memory bandwidth.
+(10 GB/s) against 3.1 ms packed in float32; 2.3 against 1.4 ms in bfloat16; and its MLP layers faster at
+every row count from 1 to 512 (docs/serving.md). MKL's float32 kernels run far below this CPU's bandwidth.
 
 Each weight is stored once: a layer's plain weight is replaced by a meta tensor of the same shape and dtype
 (so code that asks a layer for its shape, dtype or features still gets them), unless something else holds
@@ -16,15 +16,12 @@ step always has the same row count (backend.decode.engine).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 ROWS_HINT = 8  # oneDNN picks the packed layout for this many rows; any row count works with it
 
@@ -128,7 +125,8 @@ def _weights_used_elsewhere(model: nn.Module) -> set[int]:
 
 def _agrees(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor) -> bool:
     """Whether the packed kernel computes this layer's maths (checked once, at load, before any reply)."""
-    x = torch.randn(ROWS_HINT, weight.shape[1], dtype=weight.dtype)
+    generator = torch.Generator().manual_seed(0)  # not the global one: loading leaves others' draws alone
+    x = torch.randn(ROWS_HINT, weight.shape[1], dtype=weight.dtype, generator=generator)
     expected = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").double()
     tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
