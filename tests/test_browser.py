@@ -487,6 +487,10 @@ def test_two_images_in_one_message_go_to_the_vision_model_together(page):
     reply, stats = chat_once(page, "What is in the pictures?")
     assert reply.strip() and "answered by the vision model" in stats
     expect(page.locator("#chatbot [data-testid='user'] img")).to_have_count(2)
+    retry(page)  # the images go again, to the vision model, not the text alone to the chat model
+    expect(page.locator(VERSIONS)).to_have_text("2/2")
+    expect(numbers_lines(page).last).to_contain_text("answered by the vision model")
+    expect(page.locator("#chatbot [data-testid='user'] img")).to_have_count(2)
 
 
 # --- versions of a conversation, Compare, presets and links -------------------------------------

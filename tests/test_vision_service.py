@@ -20,8 +20,9 @@ from backend.services.vision import VisionService
 from backend.settings import GenerationSettings, ServerLimits
 from tests import streams as stream_helpers
 from tests.streams import HANG, last_items_together, no_early_end
+from ui.handlers import regenerate
 from ui.messages import caption_note, history_to_turns, image_paths, is_caption_note, note
-from ui.visual_chat import images_by_turn, needs_vision_model, visual_turn
+from ui.visual_chat import ANSWERED_BY, images_by_turn, needs_vision_model, visual_turn
 
 watch_forwards = stream_helpers.watch_forwards  # a fixture: tests ask for it by name
 
@@ -330,3 +331,27 @@ def test_a_one_image_vision_service_gets_the_newest_image_and_refuses_several(ll
     assert [call[0] for call in one_image.calls] == [HOUSE, HOUSE]
     _, refused, _ = list(visual_turn(one_image, LIMITS, "Both?", [HOUSE, SMILEY], [], values, "auto"))[-1]
     assert "reads one image per message" in refused[-1]["metadata"]["title"]
+
+
+def test_a_retried_or_edited_image_turn_goes_again_with_its_images_to_the_model_that_read_them(llava, blip2):
+    """Retry and edit send a turn's images again, to the vision model or the captioner as on_chat would,
+    instead of the text alone to the chat model."""
+    values = {**QUICK.to_dict(), "stop_words": ""}
+    for service, answered in ((llava, ANSWERED_BY["vision"]), (blip2, ANSWERED_BY["caption"])):
+        vision = Recording(service)
+
+        def visual(text, files, before, vision=vision):
+            if not needs_vision_model(vision, before, files, "auto"):
+                return None
+            return visual_turn(vision, LIMITS, text, files, before, values, "auto")
+
+        _, history, _ = list(visual_turn(vision, LIMITS, "Compare", [HOUSE, SMILEY], [], values, "auto"))[-1]
+        reply = len(history) - 2  # the reply, before its numbers line
+        for new_text in (None, "Which is brighter?"):
+            calls = len(vision.calls)
+            turns = regenerate(service.chat, LIMITS, history, reply, values, new_text=new_text, visual=visual)
+            _, again, _ = list(turns)[-1]
+            assert [image_paths(m["content"]) for m in again[:2]] == [[HOUSE], [SMILEY]], answered
+            assert again[2]["content"] == (new_text or "Compare")
+            assert answered in again[-1]["metadata"]["title"]
+            assert len(vision.calls) == calls + 1 and vision.calls[-1][0].by_turn[-1] == (HOUSE, SMILEY)

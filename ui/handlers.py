@@ -16,7 +16,7 @@ from backend.contracts import ChatBackend, ChatDecorator, VisionBackend, VisionD
 from backend.errors import UserError
 from backend.settings import ServerLimits, request_settings
 from ui.chat_text import as_typed, shown
-from ui.messages import history_to_turns, is_note, note, text_of
+from ui.messages import history_to_turns, image_paths, is_note, note, text_of
 from ui.settings_text import settings_line
 from ui.token_view import tokens_html
 
@@ -104,14 +104,43 @@ def last_user_index(history: list[dict], before: int) -> int | None:
     return None
 
 
-def regenerate(service, limits, history, index: int, values, colour=False, new_text: str | None = None):
-    """Retry (or, with `new_text`, edit) from the user message at or before `index`."""
-    start = last_user_index(list(history or []), index)
+# (message, its images, the history before them) -> that turn answered by the vision model, or None when
+# the chat model answers it (ui.layout decides as it does for a new message).
+VisualTurn = Callable[[str, list[str], list[dict]], Iterator | None]
+
+
+def regenerate(
+    service,
+    limits,
+    history,
+    index: int,
+    values,
+    colour=False,
+    new_text: str | None = None,
+    visual: VisualTurn | None = None,
+):
+    """Retry (or, with `new_text`, edit) from the user message at or before `index`. A turn sent with
+    images goes again with them, to the model that `visual` picks, as when it was first sent."""
+    history = list(history or [])
+    start = last_user_index(history, index)
     if start is None:
         yield "", history, ""
         return
     message = new_text if new_text is not None else as_typed(text_of(history[start]["content"]))
-    yield from chat_turn(service, limits, message, list(history[:start]), values, colour)
+    first = start
+    while first > 0 and _images_only(history[first - 1]):  # the images sent with this message
+        first -= 1
+    images = [path for sent in history[first:start] for path in image_paths(sent.get("content"))]
+    turns = visual(message, images, history[:first]) if visual is not None else None
+    if turns is None:
+        turns = chat_turn(service, limits, message, history[:start], values, colour)
+    yield from turns
+
+
+def _images_only(message: dict) -> bool:
+    """A user message that holds images and no text: how the chat shows the images sent with a message."""
+    content = message.get("content")
+    return message.get("role") == "user" and bool(image_paths(content)) and not text_of(content).strip()
 
 
 def undo(history: list[dict], index: int) -> tuple[str, list[dict]]:

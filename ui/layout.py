@@ -181,26 +181,33 @@ def build_ui(
             start = last_user_index(history, index)
             return len(history) if start is None else start + after_user
 
-        @on_gpu
-        def on_retry(data, event: gr.RetryData, request: gr.Request = None):
+        def again(data, index: int, request, new_text: str | None = None):
+            """A retried or edited turn, answered by the model on_chat would pick for it."""
+
+            def visual(text: str, files: list[str], before: list[dict]):
+                if not needs_vision_model(vision, before, files, data[pipeline]):
+                    return None
+                answering = metered_vision(vision, rate_limit, request)
+                return visual_turn(
+                    answering, limits, text, files, before, values_of(data), data[pipeline], data[colour]
+                )
+
             answering = metered_chat(service, rate_limit, request)
             history = path(data[tree])
-            turns = regenerate(answering, limits, history, event.index, values_of(data), data[colour])
-            yield from remembered(turns, data[tree], branch_point(history, event.index, 1))
+            return regenerate(
+                answering, limits, history, index, values_of(data), data[colour], new_text, visual
+            )
+
+        @on_gpu
+        def on_retry(data, event: gr.RetryData, request: gr.Request = None):
+            turns = again(data, event.index, request)
+            yield from remembered(turns, data[tree], branch_point(path(data[tree]), event.index, 1))
 
         @on_gpu
         def on_edit(data, event: gr.EditData, request: gr.Request = None):
-            history = path(data[tree])
-            turns = regenerate(
-                metered_chat(service, rate_limit, request),
-                limits,
-                history,
-                event.index,
-                values_of(data),
-                data[colour],
-                new_text=as_typed(event.value),  # the edit box shows the message as stored, escaped
-            )
-            yield from remembered(turns, data[tree], branch_point(history, event.index, 0))
+            # The edit box shows the message as stored, escaped.
+            turns = again(data, event.index, request, new_text=as_typed(event.value))
+            yield from remembered(turns, data[tree], branch_point(path(data[tree]), event.index, 0))
 
         def on_undo(current, event: gr.UndoData):
             text, kept = undo(path(current), event.index)
