@@ -193,3 +193,30 @@ def test_a_click_sends_the_rows_id_and_raw_text(service):
     for picked in (None, {}, {"token_id": None, "token_text": "x"}, {"token_id": True, "token_text": "x"}):
         with pytest.raises(BadInput, match="came without its id and text"):
             with_picked_token(service, TEXT, picked)
+
+
+def test_a_listed_token_reads_as_it_would_after_the_text():
+    """SentencePiece decodes "▁the" alone as "the": the list shows it after its context, " the"."""
+
+    class Words:
+        words = ["<s>", "Hello", "the"]
+
+        def __len__(self):
+            return len(self.words)
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(self.words[i] for i in ids)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(3, 2)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": torch.tensor([[[0.0, 1.0, 5.0]]])})()
+
+    listed = Inspector(Model(), Words()).next_tokens([0, 1], PLAIN, 2).tokens
+    assert [(token.id, token.text) for token in listed] == [(2, " the"), (1, " Hello")]

@@ -18,7 +18,6 @@ from backend.decode.sampling import (
     make_generator,
     mask_unknown_tokens,
 )
-from backend.decode.stopping import safe_decode
 from backend.models.adapters import rows_using
 from backend.models.loading import input_device
 from backend.settings import GenerationSettings
@@ -26,6 +25,7 @@ from backend.token_probs import NextTokens, TokenProbability
 
 MAX_LISTED_TOKENS = 100
 CACHED_CONTEXTS = 8  # moving a slider must not re-run the model over the same text
+LISTING_CONTEXT = 8  # ids of context a listed token is decoded after
 
 
 def entropy(probs: torch.Tensor) -> float:
@@ -83,10 +83,15 @@ class Inspector:
         p_final = final_probabilities(logits, torch.tensor([ids]), settings, len(self.tokenizer))
         top = torch.topk(p_raw, min(n, p_raw.numel()))
         tokens = [
-            TokenProbability(int(i), safe_decode(self.tokenizer, [int(i)]), float(p), float(p_final[i]))
+            TokenProbability(int(i), self.listed_text(ids, int(i)), float(p), float(p_final[i]))
             for p, i in zip(top.values, top.indices, strict=True)
         ]
         return NextTokens(tokens, entropy(p_raw), entropy(p_final))
+
+    def listed_text(self, ids: list[int], token_id: int) -> str:
+        """How `token_id` reads after `ids`: "▁the" lists as " the", as a click appends it. The last few
+        ids are context enough for the space and cost little for every listed token."""
+        return token_after(self.tokenizer, [int(i) for i in ids[-LISTING_CONTEXT:]], token_id)
 
     def step(self, ids: list[int], settings: GenerationSettings) -> int:
         """The token generation would pick next: argmax, or a draw seeded by (seed, position)."""
