@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -159,20 +160,24 @@ def build_ui(
             """Back into the multimodal box: a refused message keeps its text and images."""
             return {"text": text, "files": files if text else []}
 
+        def by_vision(data, request, text: str, files: list[str], before: list[dict]):
+            """The turn answered through the vision service, or None where the chat model answers it."""
+            if not needs_vision_model(vision, before, files, data[pipeline]):
+                return None
+            answering = metered_vision(vision, rate_limit, request)
+            return visual_turn(
+                answering, limits, text, files, before, values_of(data), data[pipeline], data[colour]
+            )
+
         @on_gpu
         def on_chat(data, request: gr.Request = None):
             value = data[message] or {}
             text, files = value.get("text") or "", list(value.get("files") or [])
-            history, values = path(data[tree]), values_of(data)
-            if needs_vision_model(vision, history, files, data[pipeline]):
-                answering = metered_vision(vision, rate_limit, request)
-                turns = visual_turn(
-                    answering, limits, text, files, history, values, data[pipeline], data[colour]
-                )
-            else:
-                turns = chat_turn(
-                    metered_chat(service, rate_limit, request), limits, text, history, values, data[colour]
-                )
+            history = path(data[tree])
+            turns = by_vision(data, request, text, files, history)
+            if turns is None:
+                answering = metered_chat(service, rate_limit, request)
+                turns = chat_turn(answering, limits, text, history, values_of(data), data[colour])
             for box, *rest in remembered(turns, data[tree], len(history)):
                 yield as_box(box, files) if isinstance(box, str) else box, *rest
 
@@ -183,17 +188,9 @@ def build_ui(
 
         def again(data, index: int, request, new_text: str | None = None):
             """A retried or edited turn, answered by the model on_chat would pick for it."""
-
-            def visual(text: str, files: list[str], before: list[dict]):
-                if not needs_vision_model(vision, before, files, data[pipeline]):
-                    return None
-                answering = metered_vision(vision, rate_limit, request)
-                return visual_turn(
-                    answering, limits, text, files, before, values_of(data), data[pipeline], data[colour]
-                )
-
             answering = metered_chat(service, rate_limit, request)
             history = path(data[tree])
+            visual = partial(by_vision, data, request)
             return regenerate(
                 answering, limits, history, index, values_of(data), data[colour], new_text, visual
             )
