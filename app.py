@@ -130,6 +130,7 @@ def local_services(config: AppConfig, load_in_background: bool, stats: RequestSt
         config.placement.max_batch_size,
         config.server.max_waiting,
         batch_invariant=config.server.batch_invariant,
+        fused_decode=config.server.fused_decode,
     )
     chat = ChatService(text, config.limits, engine_limits, stats)
     images = (

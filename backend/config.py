@@ -49,6 +49,7 @@ class ServerConfig:
     trust_proxy_headers: bool = False  # take the client from X-Forwarded-For (behind a Space's proxy)
     log_prompts: bool = False  # log every prompt and reply at INFO
     batch_invariant: bool = True  # a seed gives the same text alone or batched (decode steps padded)
+    fused_decode: bool = True  # the engine's own decode step where the model allows (decode.fused_step)
     malloc_trim_seconds: float = 30.0  # backend.allocator hands freed memory back this often; 0: never
 
 
@@ -163,6 +164,7 @@ def parse_config(
             trust_proxy_headers=args.trust_proxy_headers,
             log_prompts=args.log_prompts,
             batch_invariant=not args.no_batch_invariance,
+            fused_decode=not args.no_fused_decode,
             malloc_trim_seconds=args.malloc_trim_seconds,
         ),
         limits=ServerLimits(max_new_tokens=args.max_new_tokens_limit, max_input_chars=args.max_input_chars),

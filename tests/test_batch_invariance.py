@@ -10,11 +10,11 @@ float32 Linear here gives other last bits for 1 row than for 2 or more.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import backend.decode.batch_cache as batch_cache
@@ -32,12 +32,19 @@ MODES = {
 }
 
 
-# As the app loads a model on the CPU (oneDNN on packed weights: backend.models.packed_weights), in the dtype
-# it picks here and in float32, and float32 on PyTorch's default kernels (--no-packed-weights).
-KERNELS = [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
+# As the app runs a model on the CPU (oneDNN on packed weights: backend.models.packed_weights; decode steps
+# fused: backend.decode.fused_step), in the dtype it picks here and in float32; bfloat16 decoded through
+# transformers' forward (--no-fused-decode); float32 on PyTorch's default kernels (--no-packed-weights).
+# (dtype, packed, fused decode step)
+KERNELS = {
+    "float32": (torch.float32, True, True),
+    "bfloat16": (torch.bfloat16, True, True),
+    "bfloat16-transformers-step": (torch.bfloat16, True, False),
+    "float32-unpacked": (torch.float32, False, False),
+}
 
 
-@pytest.fixture(scope="module", params=KERNELS, ids=["float32", "bfloat16", "float32-unpacked"])
+@pytest.fixture(scope="module", params=list(KERNELS.values()), ids=list(KERNELS))
 def wide_model(request, demo_tokenizer):
     config = LlamaConfig(
         vocab_size=-(-len(demo_tokenizer) // 64) * 64,
@@ -54,18 +61,21 @@ def wide_model(request, demo_tokenizer):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    dtype, packed = request.param
+    dtype, packed, fused = request.param
     model = model.to(dtype).eval()  # random weights: a fresh model has no rotary buffers to spoil
     if packed:
         assert pack_linears(model).layers == 3 * 7 + 1
+    model.fused_decode = fused  # for the engine fixture
     return model
 
 
 @pytest.fixture
 def engine(wide_model, demo_tokenizer):
-    engine = Engine(
-        wide_model, demo_tokenizer, EngineLimits(max_batch_size=ROWS, max_queue=16, idle_seconds=0.05)
+    limits = EngineLimits(
+        max_batch_size=ROWS, max_queue=16, idle_seconds=0.05, fused_decode=wide_model.fused_decode
     )
+    engine = Engine(wide_model, demo_tokenizer, limits)
+    assert engine.decode_path.startswith("fused") == wide_model.fused_decode
     yield engine
     engine.close()
 
@@ -152,6 +162,25 @@ def test_staggered_newcomers_of_mixed_lengths_change_no_bits(engine, monkeypatch
     assert_same(recorder, reference)
 
 
+class MatrixMultiplies(TorchDispatchMode):
+    """Records the input rows of every matrix multiply with a weight, as the dispatcher sees it: oneDNN's
+    packed linear (plain, fused with SiLU or an add), or PyTorch's linear (mm/addmm outside inference
+    mode), whichever path runs them. A shape is (rows, input features), the rows being every token."""
+
+    LINEAR = {"mkldnn::_linear_pointwise": 0, "aten::linear": 0, "aten::mm": 0, "aten::addmm": 1}
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        place = self.LINEAR.get(func._schema.name)
+        if place is not None:
+            features = args[place].shape[-1]
+            self.record((args[place].numel() // features, features))
+        return func(*args, **(kwargs or {}))
+
+
 def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_the_fixed_batch(
     wide_model, engine, monkeypatch
 ):
@@ -160,16 +189,17 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
     linear_inputs: dict[str, list[tuple[int, ...]]] = defaultdict(list)
     attention: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(list)
     run = ["alone"]
+    recording = MatrixMultiplies(lambda shape: linear_inputs[run[0]].append(shape))
 
-    def record_linear(module, args):
-        if threading.current_thread().name == "engine":
-            linear_inputs[run[0]].append(tuple(args[0].shape))
+    def watched(method):
+        def call(*args, **kwargs):
+            with recording:  # dispatch modes are per thread: enter it in the engine's
+                return method(*args, **kwargs)
 
-    hooks = [
-        m.register_forward_pre_hook(record_linear)
-        for m in wide_model.modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
+        return call
+
+    monkeypatch.setattr(Engine, "_admit", watched(Engine._admit))  # prefills
+    monkeypatch.setattr(Engine, "_decode_step", watched(Engine._decode_step))
     original_attend = batch_cache._attend
 
     def attend(query, keys, values, *rest):
@@ -177,29 +207,27 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         return original_attend(query, keys, values, *rest)
 
     monkeypatch.setattr(batch_cache, "_attend", attend)
-    try:
-        alone(engine, 3, "sampled")
-        run[0] = "batched"
-        with plugged(engine, prompt(0)):
-            handles = [engine.submit(prompt(i), settings(i, "sampled")) for i in range(ROWS)]
-        drain(handles)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    alone(engine, 3, "sampled")
+    run[0] = "batched"
+    with plugged(engine, prompt(0)):
+        handles = [engine.submit(prompt(i), settings(i, "sampled")) for i in range(ROWS)]
+    drain(handles)
     hidden = wide_model.config.hidden_size
     own_lengths = set(PROMPT_LENGTHS) | {1}  # a prefill's head reads its last position only
     for name in ("alone", "batched"):
-        for shape in linear_inputs[name]:
-            rows, tokens = shape[0], shape[1]
+        for rows, _ in linear_inputs[name]:
             # A decode step: exactly ROWS rows of one token; a prefill: one request's prompt, alone.
-            assert (rows, tokens) == (ROWS, 1) or (rows == 1 and tokens in own_lengths), (name, shape)
+            assert rows == ROWS or rows in own_lengths, (name, rows)
         for query, keys in attention[name]:
             assert query[0] == keys[0] == 1, (name, query, keys)  # attention is per row, over its own keys
     # The request alone saw nothing that it does not also see in the batch.
     assert set(linear_inputs["alone"]) <= set(linear_inputs["batched"])
     assert set(attention["alone"]) <= set(attention["batched"])
-    assert any(shape[:2] == (ROWS, 1) for shape in linear_inputs["alone"])  # padded to the fixed row count
-    assert hidden in {shape[-1] for shape in linear_inputs["alone"]}
+    assert (ROWS, hidden) in linear_inputs["alone"]  # decode steps padded to the fixed row count
+    # At least each layer's q, k, v, gate and up multiplies and the head, in each of the 11 decode steps
+    # of a 12-token reply: the recording saw the decode steps whichever path ran them.
+    seen = linear_inputs["alone"].count((ROWS, hidden))
+    assert seen >= 11 * (5 * wide_model.config.num_hidden_layers + 1), seen
 
 
 def test_the_kv_budget_admits_in_order_and_never_holds_more_than_it_has(

@@ -30,6 +30,7 @@ import torch
 
 from backend.decode.batch_cache import BatchCache, RowKV, use_row_attention
 from backend.decode.beam_jobs import BeamJobs
+from backend.decode.fused_step import fused_decode_step
 from backend.decode.generation import RequestState
 from backend.decode.requests import DONE, EngineLimits, RequestHandle
 
@@ -76,6 +77,12 @@ class Engine:
         # Whether a seed gives the same text alone and in a batch: by construction (see above), unless
         # LLM.int8 picks outlier columns across the whole batch.
         self.seed_holds = self.limits.batch_invariant and not has_batch_outliers(model)
+        # Decode steps skip transformers' forward where the model allows (backend.decode.fused_step).
+        self._fused, self.decode_path = (
+            fused_decode_step(model)
+            if self.limits.fused_decode
+            else (None, "transformers' forward (--no-fused-decode)")
+        )
         self._lock = threading.Condition()
         self._waiting: deque[_Pending] = deque()
         self._rows: list[_Row] = []
@@ -287,18 +294,23 @@ class Engine:
         positions = torch.zeros((width, 1), dtype=torch.long)
         for index, row in enumerate(self._rows):
             ids[index, 0], positions[index, 0] = row.state.last_token, row.kv.length
-        cache = BatchCache([row.kv for row in self._rows])
-        adapters = [row.state.settings.adapter for row in self._rows]
-        with rows_using(adapters + [""] * (width - len(adapters))):
-            outputs = self.model(
-                input_ids=ids.to(self._device),
-                position_ids=positions.to(self._device),
-                past_key_values=cache,
-                batch_cache=cache,
-                use_cache=True,
-            )
+        kvs = [row.kv for row in self._rows]
+        if self._fused is not None and self._fused.still_applies():
+            logits = self._fused(ids.to(self._device), positions.to(self._device), kvs)
+        else:
+            cache = BatchCache(kvs)
+            adapters = [row.state.settings.adapter for row in self._rows]
+            with rows_using(adapters + [""] * (width - len(adapters))):
+                outputs = self.model(
+                    input_ids=ids.to(self._device),
+                    position_ids=positions.to(self._device),
+                    past_key_values=cache,
+                    batch_cache=cache,
+                    use_cache=True,
+                )
+            logits = outputs.logits[:, -1]
         for index, row in enumerate(self._rows):
-            self._emit(row, outputs.logits[index, -1])
+            self._emit(row, logits[index])
 
     def _emit(self, row: _Row, logits: torch.Tensor) -> None:
         """The row's next token, sampled from its own logits [vocab] alone (never stacked with others')."""

@@ -19,6 +19,7 @@ class EngineLimits:
     max_queue: int = 32  # requests waiting beyond the batch; more are told the server is busy
     kv_tokens: int | None = None  # the KV budget requests are admitted by (the plan's pool); None: rows only
     batch_invariant: bool = True  # pad every decode step to max_batch_size rows, so seeds hold under load
+    fused_decode: bool = True  # decode steps skip transformers' forward where they can (decode.fused_step)
     beam_workers: int = 1  # beam searches run beside the batch, this many at a time
     poll_seconds: float = 0.5  # how often a waiting request hears its queue position
     gather_seconds: float = 0.01  # an idle engine waits this long for more arrivals before admitting

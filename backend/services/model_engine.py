@@ -46,6 +46,7 @@ class ModelEngine:
                 log.info("%s: %s", self.holder.loaded_name, kv_budget_text(limits, loaded.context_window))
                 # A vision model's own generation_config names its end tokens, also when its LM decodes.
                 self._engine = Engine(model, loaded.tokenizer, limits, eos_model=loaded.model)
+                log.info("%s: decode step: %s", self.holder.loaded_name, self._engine.decode_path)
             return self._engine
 
     def queue_stats(self) -> tuple[int, int]:

@@ -1,0 +1,157 @@
+"""The engine's decode step for Llama-shaped models on packed CPU weights, without transformers' forward.
+
+Ours because a decode step of a small model is mostly overhead around its matrix multiplies: transformers'
+forward runs about 2,000 small operations and its per-layer Python for 210 of them, and eager PyTorch has
+no fusion. Here the same maths runs with oneDNN doing the SiLU, the gate product and both residual adds
+inside the matrix multiplies (post-ops on the packed weights of backend.models.packed_weights), so a layer
+is 7 oneDNN calls and a few small operations. Measured on SmolLM2-135M's shape, 8 rows, 2 cores: 23-24 ms
+a bfloat16 step through transformers against 17-19 ms here; float32 32-36 against 27-30 ms (docs/serving.md).
+torch.compile was measured first and lost to eager oneDNN on this CPU (docs/serving.md).
+
+Seeds hold as before: every tensor has the shape of the fixed batch or of one request's own keys, and each
+row attends alone through backend.decode.batch_cache. The numbers differ from transformers' forward in the
+last bits (a fused post-op rounds once where two operations round twice), so prefills, beam search and the
+Inspector, which run transformers' forward, agree with it to rounding, not bit for bit.
+
+Only models whose maths this file repeats exactly are taken (Llama, Mistral, Qwen2: pre-norm RMSNorm,
+rotary q/k, SiLU-gated MLP, no q/k norms, no embedding scale, no logit softcap); any other model, a layer
+that is not packed (quantized, LoRA-wrapped, on a GPU) or --no-fused-decode keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from backend.decode import batch_cache
+from backend.decode.batch_cache import RowKV
+from backend.models.packed_weights import PackedLinear
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # the same decoder layer, up to biases and a sliding window
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+_linear = torch.ops.mkldnn._linear_pointwise
+# (x, other, W, b, "add" | "mul"): (x W^T + b) + other, or (x W^T + b) * other, in one oneDNN call
+_linear_then = torch.ops.mkldnn._linear_pointwise.binary
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: nn.Module
+    post_attention_norm: nn.Module
+    q: PackedLinear
+    k: PackedLinear
+    v: PackedLinear
+    o: PackedLinear
+    gate: PackedLinear
+    up: PackedLinear
+    down: PackedLinear
+    scaling: float
+    sliding_window: int | None
+
+
+class FusedDecodeStep:
+    """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits [B, vocab]. Row i
+    writes its keys and values into rows[i] and attends over them alone; rows beyond len(rows) are padding."""
+
+    def __init__(self, model: nn.Module):
+        inner, config = model.model, model.config
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = [
+            _Layer(
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+                *(getattr(layer.self_attn, name) for name in PROJECTIONS),
+                *(getattr(layer.mlp, name) for name in MLP),
+                layer.self_attn.scaling,
+                _window(layer.self_attn, config),
+            )
+            for layer in inner.layers
+        ]
+
+    def still_applies(self) -> bool:
+        """False once the model's layers are no longer the packed ones this step holds (wrapped since)."""
+        first = self.model.model.layers[0]
+        return first.self_attn.q_proj is self.layers[0].q and first.mlp.down_proj is self.layers[0].down
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[RowKV]) -> torch.Tensor:
+        batch = ids.shape[0]
+        x = self.embed(ids.view(batch, 1))  # [B, 1, hidden], as transformers holds it
+        cos, sin = self.rotary(x, positions.view(batch, 1))
+        x = x.view(batch, -1)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(index, layer, x, cos, sin, rows)
+        return self.lm_head(self.norm(x))
+
+    def _layer(self, index: int, layer: _Layer, x, cos, sin, rows: list[RowKV]) -> torch.Tensor:
+        batch, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        h = layer.input_norm(x)
+        q = _plain(h, layer.q).view(batch, 1, heads, dim).transpose(1, 2)
+        k = _plain(h, layer.k).view(batch, 1, kv_heads, dim).transpose(1, 2)
+        v = _plain(h, layer.v).view(batch, 1, kv_heads, dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        attended = x.new_zeros((batch, heads * dim))  # padding rows attend to nothing, as in row_attention
+        for row_index, row in enumerate(rows):
+            row.append(index, k[row_index], v[row_index])
+            keys, values = row.view(index)
+            out = batch_cache._attend(
+                q[row_index : row_index + 1], keys, values, layer.scaling, layer.sliding_window, None
+            )
+            attended[row_index] = out.reshape(-1)
+        x = _linear_then(attended, x, layer.o.packed, layer.o.bias, "add")  # x + o_proj(attention)
+        h = layer.post_attention_norm(x)
+        gate = _linear(h, layer.gate.packed, layer.gate.bias, "swish", [], "")  # silu(gate_proj(h))
+        mixed = _linear_then(h, gate, layer.up.packed, layer.up.bias, "mul")  # up_proj(h) * gate
+        return _linear_then(mixed, x, layer.down.packed, layer.down.bias, "add")  # x + down_proj(mixed)
+
+
+def _window(attention: nn.Module, config) -> int | None:
+    """The keys a layer attends over, as its forward passes them: Qwen2 per layer, Mistral model-wide."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+
+
+def _plain(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    return _linear(x, layer.packed, layer.bias, "none", [], "")
+
+
+def fused_decode_step(model: nn.Module) -> tuple[FusedDecodeStep | None, str]:
+    """The fused step for `model` and what runs, in words; (None, why not) where it does not apply."""
+    reason = unsupported_reason(model)
+    if reason:
+        return None, f"transformers' forward ({reason})"
+    return FusedDecodeStep(model), "fused (oneDNN post-ops on packed weights)"
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"no fused step for model type {model_type!r}"
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")):
+        return "an unfamiliar module layout"
+    if getattr(config, "hidden_act", None) != "silu" or getattr(config, "mlp_bias", False):
+        return "an MLP other than Llama's"
+    for layer in inner.layers:
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attention is None or mlp is None or hasattr(attention, "q_norm"):
+            return "an unfamiliar decoder layer"
+        parts = [getattr(attention, name, None) for name in PROJECTIONS]
+        parts += [getattr(mlp, name, None) for name in MLP]
+        if any(type(part) is not PackedLinear for part in parts):  # quantized, LoRA-wrapped or unpacked
+            return "its linear layers are not all oneDNN-packed"
+    return None

@@ -1,0 +1,199 @@
+"""The engine's fused decode step (backend.decode.fused_step) computes transformers' forward, to rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from backend.decode.batch_cache import BatchCache, RowKV, use_row_attention
+from backend.decode.engine import Engine, EngineLimits
+from backend.decode.fused_step import FusedDecodeStep, fused_decode_step
+from backend.models.packed_weights import pack_linears
+from backend.settings import GenerationSettings
+
+SHAPE = dict(
+    vocab_size=320,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped query attention, as SmolLM2 and Llama 3
+    max_position_embeddings=256,
+)
+MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
+    "llama-with-biases": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, attention_bias=True)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE)),  # biases on q, k and v
+    "mistral-window-4": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=4)),
+}
+DTYPES = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 3e-2)}  # tolerance / max |logit|
+PROMPTS = [[5, 17, 9, 30, 3, 12, 22, 7, 40], [8, 2], [100, 101, 102, 103, 104]]  # 3 rows of an 8-row batch
+ROWS = 8
+
+
+def build(kind: str, dtype: torch.dtype, packed: bool = True):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MODELS[kind]() if kind in MODELS else kind()
+        for parameter in model.parameters():  # random biases too, so that a dropped bias shows
+            if parameter.dim() == 1 and parameter.abs().sum() == 0:
+                parameter.data.normal_(0, 0.5)
+    model = model.to(dtype).eval()
+    use_row_attention(model)
+    if packed:
+        assert pack_linears(model).layers > 0
+    return model
+
+
+def prefilled(model) -> list[RowKV]:
+    rows = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            row = RowKV(32)
+            cache = BatchCache([row])
+            model(input_ids=torch.tensor([prompt]), past_key_values=cache, batch_cache=cache, use_cache=True)
+            rows.append(row)
+    return rows
+
+
+def step_inputs(rows: list[RowKV]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.full((ROWS,), 3, dtype=torch.long)
+    positions = torch.zeros((ROWS,), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index], positions[index] = 60 + index, row.length
+    return ids, positions
+
+
+def transformers_step(model, rows: list[RowKV]) -> torch.Tensor:
+    ids, positions = step_inputs(rows)
+    cache = BatchCache(rows)
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids[:, None], position_ids=positions[:, None], past_key_values=cache, batch_cache=cache
+        )
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype):
+    torch_dtype, tolerance = DTYPES[dtype]
+    model = build(kind, torch_dtype)
+    step, text = fused_decode_step(model)
+    assert isinstance(step, FusedDecodeStep), text
+    theirs_rows, ours_rows = prefilled(model), prefilled(model)
+    theirs = transformers_step(model, theirs_rows)
+    ours = step(*step_inputs(ours_rows), ours_rows)
+    assert ours.shape == theirs.shape == (ROWS, model.config.vocab_size) and ours.dtype == torch_dtype
+    scale = theirs[: len(PROMPTS)].float().abs().max()
+    for index in range(len(PROMPTS)):
+        difference = (ours[index].float() - theirs[index].float()).abs().max()
+        assert difference <= tolerance * scale, (index, difference, scale)
+        assert ours[index].argmax() == theirs[index].argmax()
+        for layer in range(model.config.num_hidden_layers):  # this step's keys and values went to its row
+            for mine, reference in zip(
+                ours_rows[index].view(layer), theirs_rows[index].view(layer), strict=True
+            ):
+                assert mine.shape == reference.shape
+                assert (mine - reference).float().abs().max() <= tolerance * reference.float().abs().max()
+
+
+def test_rows_of_a_fused_step_do_not_see_each_other():
+    """Row 0 gets the same bits beside other rows as beside padding alone (its shapes are the same)."""
+    model = build("llama", torch.bfloat16)
+    step, _ = fused_decode_step(model)
+    rows = prefilled(model)
+    together = step(*step_inputs(rows), rows)[0]
+    first = prefilled(model)[:1]
+    alone = step(*step_inputs(first), first)[0]
+    assert torch.equal(together, alone)
+
+
+def test_what_cannot_be_fused_says_why_and_keeps_transformers_forward():
+    unpacked = build("llama", torch.float32, packed=False)
+    assert fused_decode_step(unpacked) == (
+        None,
+        "transformers' forward (its linear layers are not all oneDNN-packed)",
+    )
+    gemma = build(lambda: GemmaForCausalLM(GemmaConfig(**SHAPE, head_dim=32)), torch.float32)
+    step, text = fused_decode_step(gemma)  # scales its embeddings: not Llama's maths
+    assert step is None and "model type 'gemma'" in text
+    lora = get_peft_model(
+        build("llama", torch.float32, packed=False), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    ).base_model.model
+    pack_linears(lora)
+    step, text = fused_decode_step(lora)
+    assert step is None and "not all oneDNN-packed" in text
+
+
+class Counted:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = FusedDecodeStep.__call__
+
+        def call(step, *args):
+            self.calls += 1
+            return original(step, *args)
+
+        monkeypatch.setattr(FusedDecodeStep, "__call__", call)
+
+
+def reply(engine: Engine) -> str:
+    settings = GenerationSettings(seed=1, max_new_tokens=6, mode="greedy", repetition_penalty=1.0)
+    updates = [u for u in engine.submit(PROMPTS[0], settings) if u.queue_position is None]
+    return updates[-1].new_tokens
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_engine_decodes_through_the_fused_step_unless_told_not_to(fused, demo_tokenizer, monkeypatch):
+    model = build("llama", torch.bfloat16)
+    counted = Counted(monkeypatch)
+    engine = Engine(model, demo_tokenizer, EngineLimits(fused_decode=fused, idle_seconds=0.05))
+    try:
+        assert reply(engine) == 6
+    finally:
+        engine.close()
+    assert counted.calls == (5 if fused else 0)  # 6 tokens: the prefill's, then 5 decode steps
+    assert engine.decode_path.startswith("fused" if fused else "transformers' forward (--no-fused-decode)")
+
+
+def test_a_layer_wrapped_after_the_engine_started_sends_steps_back_to_transformers(
+    demo_tokenizer, monkeypatch
+):
+    model = build("llama", torch.float32)
+    counted = Counted(monkeypatch)
+    engine = Engine(model, demo_tokenizer, EngineLimits(idle_seconds=0.05))
+    try:
+        assert reply(engine) == 6 and counted.calls == 5
+        attention = model.model.layers[0].self_attn
+        attention.q_proj = torch.nn.Sequential(attention.q_proj)  # what PEFT's wrapping does to a layer
+        assert reply(engine) == 6
+    finally:
+        engine.close()
+    assert counted.calls == 5
+
+
+@pytest.mark.parametrize(
+    "argv, env, fused",
+    [([], {}, True), (["--no-fused-decode"], {}, False), ([], {"PLAYGROUND_NO_FUSED_DECODE": "1"}, False)],
+)
+def test_the_flag_and_its_variable_reach_the_engines_limits(argv, env, fused):
+    from app import local_services
+    from backend.config import parse_config
+    from backend.request_stats import RequestStats
+
+    config = parse_config(argv, has_gpu=False, env=env)
+    assert config.server.fused_decode is fused
+    chat, _, _ = local_services(config, load_in_background=False, stats=RequestStats())
+    assert chat.engine_limits.fused_decode is fused
