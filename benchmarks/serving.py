@@ -329,11 +329,16 @@ def measure_dtype(
         row = {}
         # The app's default batch (8), or all users at once beyond it; with invariance every decode step
         # has that many rows, without it only the rows in use (--no-batch-invariance).
-        arms = [("engine", True, packed), ("engine_no_invariance", False, packed)]
-        if users in (1, 8):  # before oneDNN's packed weights (--no-packed-weights)
-            arms.append(("engine_unpacked", True, model))
-        for system, invariant, engine_model in arms:
-            limits = EngineLimits(max_batch_size=max(8, users), max_queue=64, batch_invariant=invariant)
+        arms = [("engine", True, packed, True), ("engine_no_invariance", False, packed, True)]
+        if users in (1, 8):
+            # Decoding through transformers' forward on packed weights (--no-fused-decode), and on
+            # PyTorch's default kernels (--no-packed-weights, where no fused step applies).
+            arms.append(("engine_transformers_step", True, packed, False))
+            arms.append(("engine_unpacked", True, model, True))
+        for system, invariant, engine_model, fused in arms:
+            limits = EngineLimits(
+                max_batch_size=max(8, users), max_queue=64, batch_invariant=invariant, fused_decode=fused
+            )
             # A fresh engine per scenario: its thread (and OpenMP team) ends before the next system runs.
             engine = Engine(engine_model, tokenizer, limits)
             try:
@@ -391,6 +396,11 @@ def ratios(result: dict) -> dict:
         if "engine_unpacked" in row:
             found[f"packed_{users}_tok_s_ratio"] = (
                 row["engine"]["tok_per_s"] / row["engine_unpacked"]["tok_per_s"]
+            )
+    for users, row in scenarios.items():  # what the fused decode step brings over transformers' forward
+        if "engine_transformers_step" in row:
+            found[f"fused_{users}_tok_s_ratio"] = (
+                row["engine"]["tok_per_s"] / row["engine_transformers_step"]["tok_per_s"]
             )
     for users, row in scenarios.items():  # what batch invariance costs: invariant tok/s over not
         found[f"invariance_{users}_tok_s_ratio"] = (
