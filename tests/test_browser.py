@@ -258,6 +258,8 @@ def settled_length(locator, quiet: float = 2.0, timeout: float = 20.0) -> int:
 
 
 def test_stop_button_stops_a_long_reply(page, server, monkeypatch):
+    from tests.streams import no_early_end
+
     _, holders = server
     model = holders[0].get().model
     original = model.forward
@@ -269,6 +271,7 @@ def test_stop_button_stops_a_long_reply(page, server, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", slow_forward)
+    no_early_end(monkeypatch)  # a reply that the model ends itself before the click would fail the test
     set_max_new_tokens(page, 400)  # the demo context is 512 tokens: room for the prompt
     send(page, "Hello")
     reply = page.locator(REPLIES).first

@@ -168,32 +168,31 @@ def test_the_engine_decodes_through_the_fused_step_unless_told_not_to(fused, dem
     assert engine.decode_path.startswith("fused" if fused else "transformers' forward (--no-fused-decode)")
 
 
-def test_a_layer_wrapped_after_the_engine_started_sends_steps_back_to_transformers(
-    demo_tokenizer, monkeypatch
+def wrap_a_layer(model, monkeypatch) -> None:
+    attention = model.model.layers[0].self_attn
+    monkeypatch.setattr(attention, "q_proj", torch.nn.Sequential(attention.q_proj))  # as PEFT wraps one
+
+
+def replace_the_forward(model, monkeypatch) -> None:
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: original(*args, **kwargs))
+
+
+def hook_the_forward(model, monkeypatch) -> None:
+    model.register_forward_hook(lambda module, args, output: None)
+
+
+@pytest.mark.parametrize("change", [wrap_a_layer, replace_the_forward, hook_the_forward])
+def test_a_model_changed_after_the_engine_started_decodes_through_transformers_again(
+    change, demo_tokenizer, monkeypatch
 ):
     model = build("llama", torch.float32)
     counted = Counted(monkeypatch)
     engine = Engine(model, demo_tokenizer, EngineLimits(idle_seconds=0.05))
     try:
         assert reply(engine) == 6 and counted.calls == 5
-        attention = model.model.layers[0].self_attn
-        attention.q_proj = torch.nn.Sequential(attention.q_proj)  # what PEFT's wrapping does to a layer
+        change(model, monkeypatch)
         assert reply(engine) == 6
     finally:
         engine.close()
     assert counted.calls == 5
-
-
-@pytest.mark.parametrize(
-    "argv, env, fused",
-    [([], {}, True), (["--no-fused-decode"], {}, False), ([], {"PLAYGROUND_NO_FUSED_DECODE": "1"}, False)],
-)
-def test_the_flag_and_its_variable_reach_the_engines_limits(argv, env, fused):
-    from app import local_services
-    from backend.config import parse_config
-    from backend.request_stats import RequestStats
-
-    config = parse_config(argv, has_gpu=False, env=env)
-    assert config.server.fused_decode is fused
-    chat, _, _ = local_services(config, load_in_background=False, stats=RequestStats())
-    assert chat.engine_limits.fused_decode is fused

@@ -83,8 +83,12 @@ class FusedDecodeStep:
         ]
 
     def still_applies(self) -> bool:
-        """False once the model's layers are no longer the packed ones this step holds (wrapped since)."""
-        first = self.model.model.layers[0]
+        """False once the model's layers are no longer the packed ones this step holds (wrapped since), or
+        once its forward is replaced or hooked (accelerate, instrumentation): a step then goes through it."""
+        model = self.model
+        if "forward" in vars(model) or model._forward_hooks or model._forward_pre_hooks:
+            return False
+        first = model.model.layers[0]
         return first.self_attn.q_proj is self.layers[0].q and first.mlp.down_proj is self.layers[0].down
 
     @torch.inference_mode()
