@@ -169,8 +169,8 @@ def test_the_engine_decodes_through_the_fused_step_unless_told_not_to(fused, dem
 
 
 def wrap_a_layer(model, monkeypatch) -> None:
-    attention = model.model.layers[0].self_attn
-    monkeypatch.setattr(attention, "q_proj", torch.nn.Sequential(attention.q_proj))  # as PEFT wraps one
+    mlp = model.model.layers[-1].mlp
+    monkeypatch.setattr(mlp, "up_proj", torch.nn.Sequential(mlp.up_proj))  # as PEFT wraps one
 
 
 def replace_the_forward(model, monkeypatch) -> None:

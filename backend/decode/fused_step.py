@@ -81,6 +81,13 @@ class FusedDecodeStep:
             )
             for layer in inner.layers
         ]
+        # Every projection as found, to notice one wrapped later (about 40 µs a step for 30 layers).
+        self._parts = [
+            (parent, name, getattr(parent, name))
+            for layer in inner.layers
+            for parent, names in ((layer.self_attn, PROJECTIONS), (layer.mlp, MLP))
+            for name in names
+        ]
 
     def still_applies(self) -> bool:
         """False once the model's layers are no longer the packed ones this step holds (wrapped since), or
@@ -88,8 +95,7 @@ class FusedDecodeStep:
         model = self.model
         if "forward" in vars(model) or model._forward_hooks or model._forward_pre_hooks:
             return False
-        first = model.model.layers[0]
-        return first.self_attn.q_proj is self.layers[0].q and first.mlp.down_proj is self.layers[0].down
+        return all(getattr(parent, name) is part for parent, name, part in self._parts)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: list[RowKV]) -> torch.Tensor:
