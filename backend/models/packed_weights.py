@@ -32,9 +32,15 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.rows(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor, then: str = "none") -> torch.Tensor:
+        """x [rows, in_features] -> [rows, out_features]; `then` "swish" applies SiLU in the same call."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, then, [], "")
+
+    def rows_then(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
+        """(x W^T + b) + other for op "add", or * other for "mul", in one oneDNN call."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, op)
 
 
 @dataclass(frozen=True)
