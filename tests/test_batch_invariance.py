@@ -207,6 +207,14 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         return original_attend(query, keys, values, *rest)
 
     monkeypatch.setattr(batch_cache, "_attend", attend)
+    decode_rows: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(list)
+    original_row = batch_cache._decode_row
+
+    def decode_row(query, keys, values, out):  # the fused step's per-row attention
+        decode_rows[run[0]].append((tuple(query.shape), tuple(keys.shape)))
+        return original_row(query, keys, values, out)
+
+    monkeypatch.setattr(batch_cache, "_decode_row", decode_row)
     alone(engine, 3, "sampled")
     run[0] = "batched"
     with plugged(engine, prompt(0)):
@@ -220,9 +228,17 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
             assert rows == ROWS or rows in own_lengths, (name, rows)
         for query, keys in attention[name]:
             assert query[0] == keys[0] == 1, (name, query, keys)  # attention is per row, over its own keys
+        for query, keys in decode_rows[name]:
+            assert keys[0] == query[0], (name, query, keys)  # a row's grouped heads over its own kv heads
     # The request alone saw nothing that it does not also see in the batch.
     assert set(linear_inputs["alone"]) <= set(linear_inputs["batched"])
     assert set(attention["alone"]) <= set(attention["batched"])
+    assert set(decode_rows["alone"]) <= set(decode_rows["batched"])
+    if wide_model.fused_decode:  # each row's first step reads its own prompt and one token, never padding
+        assert {keys[1] for _, keys in decode_rows["batched"]} >= {n + 1 for n in PROMPT_LENGTHS}
+    # Decode steps' attention ran per row: in the fused step's, one call per layer and step.
+    layers = wide_model.config.num_hidden_layers
+    assert len(decode_rows["alone"]) == (11 * layers if wide_model.fused_decode else 0)
     assert (ROWS, hidden) in linear_inputs["alone"]  # decode steps padded to the fixed row count
     # At least each layer's q, k, v, gate and up multiplies and the head, in each of the 11 decode steps
     # of a 12-token reply: the recording saw the decode steps whichever path ran them.

@@ -43,21 +43,33 @@ class RowKV:
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add `keys`/`values` of shape [kv_heads, tokens, head_dim] after what `layer` holds."""
         if layer not in self._keys:
-            shape = (1, keys.shape[0], self.capacity, keys.shape[-1])
+            shape = (keys.shape[0], self.capacity, keys.shape[-1])
             self._keys[layer] = torch.empty(shape, dtype=keys.dtype, device=keys.device)
             self._values[layer] = torch.empty(shape, dtype=values.dtype, device=values.device)
             self._lengths[layer] = 0
         start, count = self._lengths[layer], keys.shape[1]
         if start + count > self.capacity:
             raise RuntimeError(f"a request outgrew its reserved KV room ({self.capacity} tokens)")
-        self._keys[layer][0, :, start : start + count] = keys
-        self._values[layer][0, :, start : start + count] = values
+        self._keys[layer][:, start : start + count] = keys
+        self._values[layer][:, start : start + count] = values
         self._lengths[layer] = start + count
+
+    def append_one(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's write: one token's `key`/`value` [kv_heads, head_dim] after what `layer` holds (its
+        prefill made the room); returns the layer's keys and values so far, [kv_heads, tokens, head_dim]."""
+        start = self._lengths[layer]
+        if start >= self.capacity:
+            raise RuntimeError(f"a request outgrew its reserved KV room ({self.capacity} tokens)")
+        keys, values = self._keys[layer], self._values[layer]
+        keys[:, start] = key
+        values[:, start] = value
+        self._lengths[layer] = start + 1
+        return keys[:, : start + 1], values[:, : start + 1]
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `layer` so far: [1, kv_heads, tokens, head_dim], no copy."""
         n = self._lengths[layer]
-        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n]
+        return self._keys[layer][None, :, :n], self._values[layer][None, :, :n]
 
     def load(self, cache: DynamicCache) -> None:
         """Take over a one-row transformers cache (what an image's prefill returns)."""
@@ -165,6 +177,46 @@ def _one_query(query, keys, values, scaling, groups: int) -> torch.Tensor:
     scores = torch.bmm(grouped, keys[0].float().transpose(1, 2)) * scale  # [kv_heads, groups, n]
     out = torch.bmm(torch.softmax(scores, dim=-1), values[0].float())  # [kv_heads, groups, dim]
     return out.reshape(1, kv_heads * groups, 1, dim).to(query.dtype)
+
+
+def decode_attention(
+    rows: list[RowKV],
+    layer: int,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """A decode step's attention for a batch, as the fused step (backend.decode.fused_step) calls it: query
+    [batch, heads, dim] and this step's keys/values [batch, kv_heads, dim]. Row i appends its key and value
+    to rows[i] and attends over that row's keys alone; rows beyond len(rows) are padding and give zeros.
+    Returns [batch, heads * dim] in the query's dtype, computed in float32.
+
+    Ours, beside _attend, because a step makes this call for every row and layer (240 for 8 rows of
+    SmolLM2's shape): the query is scaled, widened and split once per layer for all rows, and a row costs
+    its write and five operations. Side by side here, 8 rows x 30 layers, bfloat16: 11.3-13.2 ms a step
+    against 14.3-18.3 through append, view and _attend."""
+    batch, heads, dim = query.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    grouped = (query.float() * scale).view(batch, kv_heads, groups, dim).unbind(0)  # head h reads h // groups
+    out = torch.zeros((batch, kv_heads, groups, dim), device=query.device)
+    new_keys, new_values = keys.unbind(0), values.unbind(0)
+    for index, row in enumerate(rows):
+        row_keys, row_values = row.append_one(layer, new_keys[index], new_values[index])
+        if sliding_window:
+            row_keys, row_values = row_keys[:, -sliding_window:], row_values[:, -sliding_window:]
+        _decode_row(grouped[index], row_keys, row_values, out[index])
+    return out.view(batch, heads * dim).to(query.dtype)
+
+
+def _decode_row(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor) -> None:
+    """One row: scaled float32 query [kv_heads, groups, dim] over its keys [kv_heads, n, dim], into `out`.
+    Shapes depend on the row's own length only."""
+    scores = torch.bmm(query, keys.float().transpose(1, 2))
+    torch.bmm(torch.softmax(scores, dim=-1), values.float(), out=out)
 
 
 def deterministic_kernels() -> None:

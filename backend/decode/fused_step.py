@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 from backend.decode import batch_cache
 from backend.decode.batch_cache import RowKV
@@ -105,18 +105,14 @@ class FusedDecodeStep:
     def _layer(self, index: int, layer: _Layer, x, cos, sin, rows: list[RowKV]) -> torch.Tensor:
         batch, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
         h = layer.input_norm(x)
-        q = layer.q.rows(h).view(batch, 1, heads, dim).transpose(1, 2)
-        k = layer.k.rows(h).view(batch, 1, kv_heads, dim).transpose(1, 2)
-        v = layer.v.rows(h).view(batch, 1, kv_heads, dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        attended = x.new_zeros((batch, heads * dim))  # padding rows attend to nothing, as in row_attention
-        for row_index, row in enumerate(rows):
-            row.append(index, k[row_index], v[row_index])
-            keys, values = row.view(index)
-            out = batch_cache._attend(
-                q[row_index : row_index + 1], keys, values, layer.scaling, layer.sliding_window, None
-            )
-            attended[row_index] = out.reshape(-1)
+        q, k, v = layer.q.rows(h), layer.k.rows(h), layer.v.rows(h)
+        # q and k turned together: transformers' rotary maths (apply_rotary_pos_emb), one pass for both.
+        qk = torch.cat((q, k), dim=1).view(batch, heads + kv_heads, dim)
+        qk = qk * cos + rotate_half(qk) * sin
+        attended = batch_cache.decode_attention(
+            rows, index, qk[:, :heads], qk[:, heads:], v.view(batch, kv_heads, dim), layer.scaling,
+            layer.sliding_window,
+        )  # fmt: skip
         x = layer.o.rows_then(attended, x, "add")  # x + o_proj(attention)
         h = layer.post_attention_norm(x)
         gate = layer.gate.rows(h, then="swish")  # silu(gate_proj(h))
