@@ -64,8 +64,8 @@ def chosen_ids(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     picked: list[int] = []
     original = generation.choose_next_token
 
-    def record(scores, settings, generator):
-        result = original(scores, settings, generator)
+    def record(scores, settings, generator, probs=None):
+        result = original(scores, settings, generator, probs)
         picked.append(int(result[0]))
         return result
 

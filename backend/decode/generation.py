@@ -138,7 +138,8 @@ class RequestState:
         scores = scores[None, :]
         if self.generator is None:
             self.generator = make_generator(self.settings.seed, scores.device)
-        next_id = int(choose_next_token(scores, self.settings, self.generator)[0])
+        probs = torch.softmax(scores.float(), dim=-1)  # once, for the draw and for the token's report
+        next_id = int(choose_next_token(scores, self.settings, self.generator, probs)[0])
         now = time.perf_counter() - self.started
         if self.first_token_seconds is None:
             self.first_token_seconds = now
@@ -148,7 +149,7 @@ class RequestState:
         self.history.append(next_id)
         last = len(self.generated) >= self.settings.max_new_tokens
         full_text = self.decoder.decode(self.generated)
-        token = describe_choice(self.tokenizer, scores[0], next_id, full_text[len(self.previous_text) :])
+        token = describe_choice(self.tokenizer, probs[0], next_id, full_text[len(self.previous_text) :])
         if raw_logits is not None:
             token = with_logprobs(token, self.tokenizer, raw_logits, self.vocab_size, self.settings.logprobs)
         self.previous_text = full_text
@@ -206,9 +207,9 @@ def stream_generate(
         outputs = _forward(decode_model, next_tensor, outputs.past_key_values)
 
 
-def describe_choice(tokenizer, scores: torch.Tensor, token_id: int, piece: str) -> TokenChoice:
-    """The chosen token's probability and the likeliest alternatives under processed `scores`."""
-    probs = torch.softmax(scores.float(), dim=-1)
+def describe_choice(tokenizer, probs: torch.Tensor, token_id: int, piece: str) -> TokenChoice:
+    """The chosen token's probability and the likeliest alternatives under `probs` (processed scores'
+    softmax)."""
     top = torch.topk(probs, min(ALTERNATIVES_SHOWN, probs.numel()))
     alternatives = tuple(
         (safe_decode(tokenizer, [int(i)]), float(p)) for p, i in zip(top.values, top.indices, strict=True)

@@ -62,12 +62,17 @@ def mask_unknown_tokens(scores: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def choose_next_token(
-    scores: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None
+    scores: torch.Tensor,
+    settings: GenerationSettings,
+    generator: torch.Generator | None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one id per row of already-processed `scores` (shape [batch, vocab])."""
+    """Pick one id per row of already-processed `scores` (shape [batch, vocab]); `probs`, their softmax, if
+    the caller has it already."""
     if is_greedy(settings):
         return scores.argmax(dim=-1)
-    probs = torch.softmax(scores.float(), dim=-1)
+    if probs is None:
+        probs = torch.softmax(scores.float(), dim=-1)
     return torch.stack([draw(row, generator) for row in probs])
 
 
