@@ -334,3 +334,62 @@ def test_continuation_keeps_the_leading_space_of_its_first_token() -> None:
     assert decoder.decode([2]) == " world"
     assert decoder.decode([2, 3, 4]) == " world! again"
     assert generation.ContinuationDecoder(tokenizer, [0]).decode([1, 3]) == "Hello!"
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, []
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        self.decoded.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize(
+    "text", ["Grüße aus Köln 🌧️ und 日本語 too — fine.", " world! again" * 60, "🙂🙃" * 40]
+)
+def test_incremental_decoding_reads_as_decoding_everything_at_a_cost_that_does_not_grow(
+    demo_tokenizer, text
+) -> None:
+    """Byte-level pieces of multibyte characters arrive one token at a time: every step's text is what
+    decoding the whole continuation gives, and a step decodes a few ids, however long the reply."""
+    prompt = demo_tokenizer.encode("Say something:")
+    generated = demo_tokenizer.encode(text, add_special_tokens=False)
+    counting = CountingTokenizer(demo_tokenizer)
+    decoder = generation.ContinuationDecoder(counting, prompt)
+    whole = generation.ContinuationDecoder(demo_tokenizer, prompt)
+    for count in range(1, len(generated) + 1):
+        counting.decoded.clear()
+        assert decoder.decode(generated[:count]) == generation.safe_decode(
+            demo_tokenizer, whole.context + generated[:count]
+        )[whole.offset :]
+        assert max(counting.decoded) <= 16, (count, counting.decoded)
+    assert decoder.decode(generated).strip() == text.strip()  # and it is the text itself
+
+
+def test_incremental_decoding_of_sentencepiece_like_pieces_and_of_a_reply_started_over() -> None:
+    tokenizer = SentencePieceLike()
+    decoder = generation.ContinuationDecoder(tokenizer, [0, 1])
+    assert [decoder.decode([2, 3, 4, 2][:n]) for n in range(1, 5)] == [
+        " world", " world!", " world! again", " world! again world"
+    ]
+    assert decoder.decode([3]) == "!"  # a shorter list is another reply: decoded from its start
+
+
+class Ligatures(SentencePieceLike):
+    """Reads 'a' then 'b' together as 'X': a later token changes how an earlier one reads."""
+
+    pieces = ["<s>", "a", "b", "c"]
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return super().decode(ids, skip_special_tokens).replace("ab", "X")
+
+
+def test_incremental_decoding_where_a_token_rereads_the_one_before_decodes_all_again() -> None:
+    decoder = generation.ContinuationDecoder(Ligatures(), [0])
+    assert [decoder.decode([1, 2, 3][:n]) for n in range(1, 4)] == ["a", "X", "Xc"]

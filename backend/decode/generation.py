@@ -21,7 +21,7 @@ from backend.decode.sampling import (
     make_generator,
     mask_unknown_tokens,
 )
-from backend.decode.stopping import StopWordMatcher, safe_decode
+from backend.decode.stopping import REPLACEMENT_CHAR, StopWordMatcher, safe_decode
 from backend.models.loading import input_device
 from backend.settings import GenerationSettings
 from backend.token_probs import TokenChoice
@@ -50,15 +50,45 @@ class GenerationUpdate:
 
 
 class ContinuationDecoder:
-    """Decodes generated ids to text the way they read after the prompt."""
+    """Decodes generated ids to text the way they read after the prompt.
+
+    Incrementally, as TGI's and vLLM's detokenizers do (a prefix and a read offset): a call decodes only the
+    tokens since the text last settled, after the few before them, so a token costs the same at the
+    2,000th as at the 20th. Decoding the whole reply every token cost 0.49 ms a token at 2,048 tokens here,
+    for each row of a batch. `generated` only grows between calls, as a request's does.
+    """
 
     def __init__(self, tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
         self.context = list(prompt_ids[-DECODE_CONTEXT_TOKENS:])
-        self.offset = len(safe_decode(tokenizer, self.context))
+        self._restart()
+        self.offset = len(self._text)
+
+    def _restart(self) -> None:
+        self._ids = list(self.context)  # the context, then the generated ids seen so far
+        self._text = safe_decode(self.tokenizer, self._ids)  # the text of _ids[:_read], settled
+        self._prefix, self._read = 0, len(self._ids)
 
     def decode(self, generated: list[int]) -> str:
-        return safe_decode(self.tokenizer, self.context + generated)[self.offset :]
+        seen = len(self._ids) - len(self.context)
+        if len(generated) < seen:  # not the same reply grown: start over
+            self._restart()
+            seen = 0
+        self._ids.extend(generated[seen:])
+        prefix = safe_decode(self.tokenizer, self._ids[self._prefix : self._read])
+        window = safe_decode(self.tokenizer, self._ids[self._prefix :])
+        if not window.startswith(prefix):  # a tokenizer that reads tokens differently together: all again
+            text = safe_decode(self.tokenizer, self._ids)
+            if not text.endswith(REPLACEMENT_CHAR):
+                self._text = text
+                self._prefix, self._read = max(0, len(self._ids) - DECODE_CONTEXT_TOKENS), len(self._ids)
+            return text[self.offset :]
+        new = window[len(prefix) :]
+        if new.endswith(REPLACEMENT_CHAR):  # an unfinished UTF-8 sequence: shown as is, not settled
+            return (self._text + new)[self.offset :]
+        self._text += new
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._text[self.offset :]
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
