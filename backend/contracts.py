@@ -87,6 +87,10 @@ class ChatBackend(Protocol):
         """(KV tokens held by running requests, the budget or None); None where nothing is known."""
         ...
 
+    def decode_path(self) -> str | None:
+        """Which decode step runs (backend.decode.fused_step), in words; None where no engine runs here."""
+        ...
+
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]: ...
 
     def complete(self, text: str, settings: GenerationSettings) -> Iterator[Reply]: ...
@@ -138,6 +142,9 @@ class ChatDecorator:
 
     def kv_usage(self) -> tuple[int, int | None] | None:
         return self.service.kv_usage()
+
+    def decode_path(self) -> str | None:
+        return self.service.decode_path()
 
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         return self.service.chat(message, history, settings)

@@ -196,3 +196,33 @@ def test_a_model_changed_after_the_engine_started_decodes_through_transformers_a
     finally:
         engine.close()
     assert counted.calls == 5
+
+
+@pytest.mark.parametrize(
+    "argv, env, fused",
+    [([], {}, True), (["--no-fused-decode"], {}, False), ([], {"PLAYGROUND_NO_FUSED_DECODE": "1"}, False)],
+)
+def test_the_flag_and_its_variable_reach_the_engine_and_the_system_tab(argv, env, fused):
+    from app import local_services
+    from backend.config import parse_config
+    from backend.request_stats import RequestStats
+    import gradio as gr
+
+    from ui.system_tab import build_system_tab
+
+    config = parse_config(argv, has_gpu=False, env=env)
+    assert config.server.fused_decode is fused
+    chat, _, _ = local_services(config, load_in_background=False, stats=RequestStats())
+    assert chat.engine_limits.fused_decode is fused
+    assert chat.decode_path() is None  # no engine before the first request
+    settings = GenerationSettings(seed=1, max_new_tokens=2, mode="greedy", repetition_penalty=1.0)
+    assert list(chat.chat("Hello", [], settings))[-1].done
+    shown = "fused (oneDNN" if fused else "transformers' forward (--no-fused-decode)"
+    with gr.Blocks() as demo, gr.Tabs():
+        build_system_tab(demo, chat)
+    refresh = next(
+        event.fn
+        for event in demo.fns.values()
+        if any(getattr(block, "elem_id", None) == "system-model" for block in event.outputs)
+    )
+    assert f"**Decode step:** {shown}" in refresh()[0]  # what the System tab's timer draws

@@ -290,7 +290,9 @@ def test_idle_throughput_chart_has_a_readable_scale():
     holder = SimpleNamespace(
         choices=[], status=lambda: SimpleNamespace(state="loading", stage="Loading"), plan_report=lambda: None
     )
-    service = SimpleNamespace(holder=holder, stats=RequestStats(), kv_usage=lambda: None)  # nothing generated
+    service = SimpleNamespace(  # nothing generated
+        holder=holder, stats=RequestStats(), kv_usage=lambda: None, decode_path=lambda: None
+    )
     with gr.Blocks() as demo, gr.Tabs():
         build_system_tab(demo, service)
     plot = next(block for block in demo.blocks.values() if isinstance(block, gr.LinePlot))

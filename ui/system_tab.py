@@ -23,7 +23,7 @@ def queue_length(demo: gr.Blocks) -> int | None:
         return None
 
 
-def model_markdown(holder) -> str:
+def model_markdown(holder, decode_path: str | None = None) -> str:
     status = holder.status()
     if status.state != "ready":
         return f"**Model:** {status.stage}"
@@ -37,6 +37,8 @@ def model_markdown(holder) -> str:
     ]
     if info.kernels:
         lines.append(f"**Kernels:** {info.kernels}")
+    if decode_path:  # known once the engine has served a request
+        lines.append(f"**Decode step:** {decode_path}")
     lines += [f"⚠️ {note}" for note in info.notes]
     return "\n\n".join(lines)
 
@@ -179,7 +181,7 @@ def build_system_tab(demo: gr.Blocks, service, vision_holder=None) -> list[gr.ev
     def refresh():
         snapshot = service.stats.snapshot()
         return (
-            model_markdown(service.holder),
+            model_markdown(service.holder, service.decode_path()),
             plan_html(service.holder.plan_report()),
             stats_markdown(snapshot, queue_length(demo), service.kv_usage()),
             gr.LinePlot(history_frame(snapshot), **axis_limits(snapshot)),

@@ -155,6 +155,9 @@ class RemoteChatService:
     def kv_usage(self) -> None:
         return None  # the backend server keeps its KV cache to itself
 
+    def decode_path(self) -> None:
+        return None  # the backend server decodes out of our sight
+
     def chat(self, message: str, history: list[Turn], settings: GenerationSettings) -> Iterator[Reply]:
         self.limits.check_text("Message", message)
         messages = chat_messages(settings.system_prompt, history, message.strip())

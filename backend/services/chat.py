@@ -71,6 +71,10 @@ class ChatService:
         """(KV tokens the running requests hold, the model's KV budget); None while no engine runs."""
         return self._engines.kv_usage()
 
+    def decode_path(self) -> str | None:
+        """Which decode step the engine runs; None while no engine runs."""
+        return self._engines.decode_path()
+
     def release(self, reason: str) -> None:
         """Let go of the model before a switch: requests still in the engine fail with `reason`."""
         self._engines.release(reason)

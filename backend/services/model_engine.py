@@ -59,6 +59,11 @@ class ModelEngine:
         engine = self._engine
         return engine.kv_usage() if engine is not None else None
 
+    def decode_path(self) -> str | None:
+        """Which decode step the engine runs now; None before the first request made one."""
+        engine = self._engine
+        return engine.decode_path if engine is not None else None
+
     def pending(self) -> int:
         """Requests the model has not finished yet (a model switch waits for them)."""
         engine = self._engine
