@@ -418,3 +418,39 @@ def test_a_cancelled_waiting_beam_search_gives_its_place_back(demo_model, demo_t
     finally:
         release.set()
         engine.close()
+
+
+def test_users_who_arrive_during_an_idle_engines_first_prefill_decode_from_its_first_step(
+    demo_model, demo_tokenizer, monkeypatch
+):
+    """A burst: the first user's prefill starts at once (no window before it), and those who come while it
+    runs join before the first decode step, not one step later."""
+    no_early_end(monkeypatch)
+    prefilling, release = threading.Event(), threading.Event()
+    admit, decode_step = Engine._admit, Engine._decode_step
+    rows_per_step: list[int] = []
+
+    def held_admit(self, pending):
+        prefilling.set()
+        assert release.wait(HANG), "the test never let the prefill go on"
+        return admit(self, pending)
+
+    def counted_step(self):
+        rows_per_step.append(len(self._rows))
+        return decode_step(self)
+
+    monkeypatch.setattr(Engine, "_admit", held_admit)
+    monkeypatch.setattr(Engine, "_decode_step", counted_step)
+    engine = Engine(demo_model, demo_tokenizer, EngineLimits(idle_seconds=0.05))
+    try:
+        first = engine.submit(ids(demo_tokenizer, PROMPTS[0]), GenerationSettings(seed=1, max_new_tokens=4))
+        assert prefilling.wait(HANG)  # the first user's prefill began with nobody else there
+        others = [
+            engine.submit(ids(demo_tokenizer, text), GenerationSettings(seed=2, max_new_tokens=4))
+            for text in PROMPTS[1:]
+        ]
+        release.set()
+        assert all(final(handle).new_tokens == 4 for handle in [first, *others])
+    finally:
+        engine.close()
+    assert rows_per_step[0] == len(PROMPTS), rows_per_step

@@ -22,7 +22,7 @@ class EngineLimits:
     fused_decode: bool = True  # decode steps skip transformers' forward where they can (decode.fused_step)
     beam_workers: int = 1  # beam searches run beside the batch, this many at a time
     poll_seconds: float = 0.5  # how often a waiting request hears its queue position
-    gather_seconds: float = 0.01  # an idle engine waits this long for more arrivals before admitting
+    gather_seconds: float = 0.0  # an idle engine waits this long for more arrivals before admitting (below)
     idle_seconds: float = 2.0  # the engine thread ends after this long without work (see torch_threads)
 
 
