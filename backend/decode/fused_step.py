@@ -6,9 +6,8 @@ no fusion. Here the same maths runs with oneDNN doing the SiLU, the gate product
 inside the matrix multiplies (post-ops on the packed weights of backend.models.packed_weights), so a layer
 is 7 oneDNN calls and a few small operations. Measured on SmolLM2-135M's shape, 8 rows, 2 cores, the forward
 alone: 17-19 ms a bfloat16 step against 23-24 through transformers. In the engine, side by side in
-benchmarks/serving.py, it gains less: 1.02-1.07x tok/s at 1 and 8 users in both dtypes, 1.16-1.20x in
-bfloat16 for Llama-3.2-1B's shape (its oneDNN calls, per-row attention and sampling stay). torch.compile
-was measured first and lost (docs/serving.md).
+benchmarks/serving.py with batch_cache.decode_attention: 1.27x and 1.24x tok/s at 1 and 8 users in bfloat16,
+1.09x and 0.95x (noise) in float32. torch.compile was measured first and lost (docs/serving.md).
 
 Seeds hold as before: every tensor has the shape of the fixed batch or of one request's own keys, and each
 row attends alone through backend.decode.batch_cache. The numbers differ from transformers' forward in the
