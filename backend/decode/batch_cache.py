@@ -173,9 +173,9 @@ def _one_query(query, keys, values, scaling, groups: int) -> torch.Tensor:
     for SmolLM2's shape). Shapes depend on the row's own length only, as with SDPA."""
     kv_heads, dim = keys.shape[1], query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
-    grouped = query.reshape(kv_heads, groups, dim).float()  # query head h reads kv head h // groups
-    scores = torch.bmm(grouped, keys[0].float().transpose(1, 2)) * scale  # [kv_heads, groups, n]
-    out = torch.bmm(torch.softmax(scores, dim=-1), values[0].float())  # [kv_heads, groups, dim]
+    grouped = query.reshape(kv_heads, groups, dim).float() * scale  # query head h reads kv head h // groups
+    out = grouped.new_empty((kv_heads, groups, dim))
+    _decode_row(grouped, keys[0], values[0], out)
     return out.reshape(1, kv_heads * groups, 1, dim).to(query.dtype)
 
 
