@@ -210,7 +210,7 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
     decode_rows: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = defaultdict(list)
     original_row = batch_cache._decode_row
 
-    def decode_row(query, keys, values, out):  # the fused step's per-row attention
+    def decode_row(query, keys, values, out):  # a decode row's float32 attention (fused step, _one_query)
         decode_rows[run[0]].append((tuple(query.shape), tuple(keys.shape)))
         return original_row(query, keys, values, out)
 
@@ -234,12 +234,11 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
     assert set(linear_inputs["alone"]) <= set(linear_inputs["batched"])
     assert set(attention["alone"]) <= set(attention["batched"])
     assert set(decode_rows["alone"]) <= set(decode_rows["batched"])
-    if wide_model.fused_decode:  # each row's first step reads its own prompt and one token, never padding
-        assert {keys[1] for _, keys in decode_rows["batched"]} >= {n + 1 for n in PROMPT_LENGTHS}
-    # Decode steps' attention ran per row: in the fused step's, one call per layer and step.
-    layers = wide_model.config.num_hidden_layers
     if wide_model.fused_decode:
-        assert len(decode_rows["alone"]) == 11 * layers
+        # each row's first step reads its own prompt and one token, never padding
+        assert {keys[1] for _, keys in decode_rows["batched"]} >= {n + 1 for n in PROMPT_LENGTHS}
+        # decode steps' attention ran per row: one call per layer and step
+        assert len(decode_rows["alone"]) == 11 * wide_model.config.num_hidden_layers
     assert (ROWS, hidden) in linear_inputs["alone"]  # decode steps padded to the fixed row count
     # At least each layer's q, k, v, gate and up multiplies and the head, in each of the 11 decode steps
     # of a 12-token reply: the recording saw the decode steps whichever path ran them.
