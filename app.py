@@ -28,10 +28,12 @@ from backend.decode.batch_cache import deterministic_kernels
 from backend.decode.engine import EngineLimits
 from backend.images import ImageLimits
 from backend.metrics import Metrics
+from backend.models.demo_text import default_cache_root
 from backend.models.demo_vision import DEMO_LLAVA
 from backend.models.holder import ModelHolder, plan_switches_together
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import ModelSpec, plan_report, with_joint_plan
+from backend.models.row_kernels import KernelBuild
 from backend.models.vision_loading import load_vision_model
 from backend.openai_server.probes import build_probe_router
 from backend.openai_server.routes import build_openai_router
@@ -50,8 +52,12 @@ log = logging.getLogger("playground")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def model_spec(config: AppConfig, name: str, quantization: str) -> ModelSpec:
-    return ModelSpec(name=name, quantization=quantization, **asdict(config.placement))
+def model_spec(
+    config: AppConfig, name: str, quantization: str, kernel_build: KernelBuild | None = None
+) -> ModelSpec:
+    return ModelSpec(
+        name=name, quantization=quantization, kernel_build=kernel_build, **asdict(config.placement)
+    )
 
 
 def load_all(holders: dict[str, ModelHolder]) -> None:
@@ -106,12 +112,18 @@ def local_services(config: AppConfig, load_in_background: bool, stats: RequestSt
     """ChatService and VisionService on models loaded here (in the background while the page is served)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    text_spec = replace(model_spec(config, config.model, config.quantization), adapters=config.adapters)
+    # Built (or loaded from its cache) while the models load; they move to it when ready.
+    placement = config.placement
+    build = KernelBuild(default_cache_root() / "kernels", placement.packed_weights and placement.row_kernels)
+    build.start()
+    text_spec = replace(
+        model_spec(config, config.model, config.quantization, build), adapters=config.adapters
+    )
     text = ModelHolder(text_spec, config.demo_fallback, choices=config.model_choices)
     roles = {"text": text}
     vision = None
     if config.vision_model:
-        vision_spec = model_spec(config, config.vision_model, config.vision_quantization)
+        vision_spec = model_spec(config, config.vision_model, config.vision_quantization, build)
         vision = ModelHolder(
             vision_spec,
             config.demo_fallback,

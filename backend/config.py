@@ -31,6 +31,7 @@ class Placement:
     max_batch_size: int  # requests decoded together; the KV pool is capped at this many
     trust_remote_code: bool = False  # let model repositories run their own Python code
     packed_weights: bool = True  # CPU linears: oneDNN on weights packed once (models.packed_weights)
+    row_kernels: bool = True  # AVX-512 CPUs: our own kernels on the packed weights (models.row_kernels)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def parse_config(
             max_batch_size=args.max_batch_size,
             trust_remote_code=args.trust_remote_code,
             packed_weights=not args.no_packed_weights,
+            row_kernels=not args.no_row_kernels,
         ),
         server=ServerConfig(
             host=args.host,

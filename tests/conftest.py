@@ -74,3 +74,29 @@ def image_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     bad_data = bad_images()
     bad_paths = write_all(folder, {name: data for name, (data, _) in bad_data.items()})
     return {"good": good, "bad": {name: (bad_paths[name], words) for name, (_, words) in bad_data.items()}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def row_kernels_built():
+    """The row kernels (backend.models.row_kernels) built before any test where this CPU takes them, into the
+    cache the app reads: the app's models then load on them at once, whatever order tests run in. A cold
+    build takes about 25 s, once per machine. None where they cannot run (the reason: unavailable_reason)."""
+    from backend.models.demo_text import default_cache_root
+    from backend.models.row_kernels import KernelBuild, unavailable_reason
+
+    if unavailable_reason() is not None:
+        return None
+    build = KernelBuild(default_cache_root() / "kernels").start()
+    kernels = build.kernels(wait=900)
+    assert kernels is not None, build.text()
+    return kernels
+
+
+@pytest.fixture
+def row_kernels(row_kernels_built):
+    """The built row kernels; skips where this CPU cannot run them (no AVX512-BF16: oneDNN serves there)."""
+    from backend.models.row_kernels import unavailable_reason
+
+    if row_kernels_built is None:
+        pytest.skip(f"row kernels unavailable here: {unavailable_reason()}")
+    return row_kernels_built

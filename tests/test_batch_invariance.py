@@ -21,6 +21,7 @@ import backend.decode.batch_cache as batch_cache
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.generation import RequestState
 from backend.models.packed_weights import pack_linears
+from backend.models.row_kernels import RowsWeight
 from backend.settings import GenerationSettings
 from tests.streams import last_items_together, no_early_end, plugged
 
@@ -32,20 +33,23 @@ MODES = {
 }
 
 
-# As the app runs a model on the CPU (oneDNN on packed weights: backend.models.packed_weights; decode steps
-# fused: backend.decode.fused_step), in the dtype it picks here and in float32; bfloat16 decoded through
+# As the app runs a model on the CPU: on AVX-512 CPUs on the row kernels (backend.models.row_kernels), on
+# others oneDNN on packed weights (backend.models.packed_weights), decode steps fused
+# (backend.decode.fused_step), in the dtype it picks here and in float32; bfloat16 decoded through
 # transformers' forward (--no-fused-decode); float32 on PyTorch's default kernels (--no-packed-weights).
-# (dtype, packed, fused decode step)
+# (dtype, packed for: "rows", "oneDNN" or None, fused decode step)
 KERNELS = {
-    "float32": (torch.float32, True, True),
-    "bfloat16": (torch.bfloat16, True, True),
-    "bfloat16-transformers-step": (torch.bfloat16, True, False),
-    "float32-unpacked": (torch.float32, False, False),
+    "bfloat16-row-kernels": (torch.bfloat16, "rows", True),
+    "float32-row-kernels": (torch.float32, "rows", True),
+    "float32": (torch.float32, "oneDNN", True),
+    "bfloat16": (torch.bfloat16, "oneDNN", True),
+    "bfloat16-transformers-step": (torch.bfloat16, "oneDNN", False),
+    "float32-unpacked": (torch.float32, None, False),
 }
 
 
 @pytest.fixture(scope="module", params=list(KERNELS.values()), ids=list(KERNELS))
-def wide_model(request, demo_tokenizer):
+def wide_model(request, demo_tokenizer, row_kernels_built):
     config = LlamaConfig(
         vocab_size=-(-len(demo_tokenizer) // 64) * 64,
         hidden_size=576,
@@ -62,9 +66,12 @@ def wide_model(request, demo_tokenizer):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     dtype, packed, fused = request.param
+    if packed == "rows" and row_kernels_built is None:
+        pytest.skip("no row kernels on this CPU")
     model = model.to(dtype).eval()  # random weights: a fresh model has no rotary buffers to spoil
     if packed:
-        assert pack_linears(model).layers == 3 * 7 + 1
+        report = pack_linears(model, kernels=row_kernels_built if packed == "rows" else None)
+        assert report.layers == 3 * 7 + 1 and report.row_layers == (report.layers if packed == "rows" else 0)
     model.fused_decode = fused  # for the engine fixture
     return model
 
@@ -198,6 +205,13 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
 
         return call
 
+    original_rows = RowsWeight.linear
+
+    def rows_linear(weight, x, *rest):  # the row kernels: our own call, which the dispatcher does not see
+        linear_inputs[run[0]].append((x.numel() // x.shape[-1], x.shape[-1]))
+        return original_rows(weight, x, *rest)
+
+    monkeypatch.setattr(RowsWeight, "linear", rows_linear)
     monkeypatch.setattr(Engine, "_admit", watched(Engine._admit))  # prefills
     monkeypatch.setattr(Engine, "_decode_step", watched(Engine._decode_step))
     original_attend = batch_cache._attend

@@ -20,6 +20,7 @@ from backend.decode.batch_cache import BatchCache, RowKV, use_row_attention
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.fused_step import FusedDecodeStep, fused_decode_step
 from backend.models.packed_weights import pack_linears
+from backend.models.row_kernels import unavailable_reason as row_kernels_reason
 from backend.settings import GenerationSettings
 
 SHAPE = dict(
@@ -42,7 +43,7 @@ PROMPTS = [[5, 17, 9, 30, 3, 12, 22, 7, 40], [8, 2], [100, 101, 102, 103, 104]] 
 ROWS = 8
 
 
-def build(kind: str, dtype: torch.dtype, packed: bool = True):
+def build(kind: str, dtype: torch.dtype, packed: bool = True, kernels=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = MODELS[kind]() if kind in MODELS else kind()
@@ -52,7 +53,8 @@ def build(kind: str, dtype: torch.dtype, packed: bool = True):
     model = model.to(dtype).eval()
     use_row_attention(model)
     if packed:
-        assert pack_linears(model).layers > 0
+        report = pack_linears(model, kernels=kernels)
+        assert report.layers > 0 and (kernels is None or report.row_layers == report.layers)
     return model
 
 
@@ -85,13 +87,18 @@ def transformers_step(model, rows: list[RowKV]) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+@pytest.mark.parametrize("kernels", ["oneDNN", "row-kernels"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype):
+def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype, kernels, request):
     torch_dtype, tolerance = DTYPES[dtype]
-    model = build(kind, torch_dtype)
+    rows = request.getfixturevalue("row_kernels") if kernels == "row-kernels" else None
+    model = build(kind, torch_dtype, kernels=rows)
     step, text = fused_decode_step(model)
     assert isinstance(step, FusedDecodeStep), text
+    assert (
+        text == ("fused (row kernels' post-ops" if rows else "fused (oneDNN post-ops") + " on packed weights)"
+    )
     theirs_rows, ours_rows = prefilled(model), prefilled(model)
     theirs = transformers_step(model, theirs_rows)
     ours = step(*step_inputs(ours_rows), ours_rows)
@@ -217,7 +224,9 @@ def test_the_flag_and_its_variable_reach_the_engine_and_the_system_tab(argv, env
     assert chat.decode_path() is None  # no engine before the first request
     settings = GenerationSettings(seed=1, max_new_tokens=2, mode="greedy", repetition_penalty=1.0)
     assert list(chat.chat("Hello", [], settings))[-1].done
-    shown = "fused (oneDNN" if fused else "transformers' forward (--no-fused-decode)"
+    # The app's models load on the row kernels where this CPU takes them (built before the tests: conftest).
+    kernels = "row kernels'" if row_kernels_reason() is None else "oneDNN"
+    shown = f"fused ({kernels} post-ops" if fused else "transformers' forward (--no-fused-decode)"
     with gr.Blocks() as demo, gr.Tabs():
         build_system_tab(demo, chat)
     refresh = next(

@@ -10,6 +10,13 @@ DEMO_HELP = (
 )
 
 
+KERNEL_LINES = {
+    "building": "⏳ Building faster CPU kernels for the {role} model (once, cached); it answers meanwhile.",
+    "ready": "⏳ Faster CPU kernels for the {role} model are built: they take over before its next reply.",
+    "on": "⚡ Faster CPU kernels on for the {role} model.",
+}
+
+
 def demo_warning(roles: list[str], reasons: list[str]) -> str:
     """One line that says it all, the help folded under it so that it never pushes the chat off a phone."""
     summary = (
@@ -41,6 +48,9 @@ def banner_markdown(models: list[tuple[str, object]]) -> str:
             lines.append(f"✓ {role.capitalize()} model ready: `{holder.loaded_name}`")
         if status.state == "ready" and getattr(status, "note", None):
             lines.append(f"⚠️ {status.note}")
+        kernels = getattr(holder, "kernels_state", lambda: None)()  # local models on AVX-512 CPUs
+        if kernels in KERNEL_LINES:
+            lines.append(KERNEL_LINES[kernels].format(role=role))
     if demo_roles:
         lines.insert(0, demo_warning(demo_roles, reasons))
     return "\n\n".join(lines)

@@ -66,8 +66,12 @@ def build_ui(
     holder = service.holder
     models = [("chat", holder)] + ([("vision", vision.holder)] if vision else [])
 
-    def loading() -> bool:
-        return any(h.status().state == "loading" for _, h in models)
+    def loading() -> bool:  # the banner follows until models load and their faster kernels take over
+        return any(
+            h.status().state == "loading"
+            or getattr(h, "kernels_state", lambda: None)() in ("building", "ready")
+            for _, h in models
+        )
 
     # Uploads stay on disk while a conversation may still read them; after a day they go, so a Space
     # running for weeks does not fill its disk (every hour, files older than a day).

@@ -78,7 +78,7 @@ class Engine:
         # LLM.int8 picks outlier columns across the whole batch.
         self.seed_holds = self.limits.batch_invariant and not has_batch_outliers(model)
         # Decode steps skip transformers' forward where the model allows (backend.decode.fused_step).
-        self._fused, self.decode_path = (
+        self._fused, self._decode_path = (
             fused_decode_step(model)
             if self.limits.fused_decode
             else (None, "transformers' forward (--no-fused-decode)")
@@ -88,6 +88,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._admitting = 0
         self._kv_reserved = 0  # KV tokens held by running requests
+        self._between: list[Callable[[], None]] = []  # tasks for the next moment no reply is decoding
         self._device = input_device(model)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._beams = BeamJobs(model, tokenizer, self.limits, self)
@@ -124,11 +125,28 @@ class Engine:
                     "Try again in a moment."
                 )
             self._waiting.append(pending)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-                self._thread.start()
-            self._lock.notify()
+            self._start_thread()
         return pending.handle
+
+    def between_replies(self, task: Callable[[], None]) -> None:
+        """Run `task` on the engine's thread at the next moment no reply is decoding, before any waiting
+        request starts (e.g. moving the model to other kernels: no reply then mixes two). Under constant
+        load that moment comes when the batch next empties; its errors are logged, never a request's."""
+        with self._lock:
+            if not self._stopping:
+                self._between.append(task)
+                self._start_thread()
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+        self._lock.notify()
+
+    @property
+    def decode_path(self) -> str:
+        """Which decode step runs, in words (the fused step's kernels can change: backend.models.row_kernels)."""
+        return self._fused.describe() if self._fused is not None else self._decode_path
 
     def submit_beam(self, prompt_ids: list[int], settings: GenerationSettings) -> RequestHandle:
         """Beam search runs as its own job beside the batch (backend.decode.beam_jobs)."""
@@ -203,14 +221,18 @@ class Engine:
         while True:
             with self._lock:
                 idle = not self._rows
-                while not self._stopping and not self._waiting and not self._rows:
+                while not self._stopping and not self._waiting and not self._rows and not self._between:
                     if (
                         not self._lock.wait(self.limits.idle_seconds)
                         and not self._waiting
                         and not self._stopping
+                        and not self._between
                     ):
                         self._thread = None  # ends, and its OpenMP team with it; the next submit starts one
                         return
+                tasks, self._between = (self._between, []) if idle else ([], self._between)
+            self._run_between(tasks)
+            with self._lock:
                 deadline = time.monotonic() + (self.limits.gather_seconds if idle else 0.0)
                 while not self._stopping and len(self._waiting) < self.limits.max_batch_size:
                     remaining = deadline - time.monotonic()
@@ -249,6 +271,13 @@ class Engine:
             self._waiting.clear()
         for handle in left:
             handle.put(ModelNotReady(self._closed_reason))
+
+    def _run_between(self, tasks: list[Callable[[], None]]) -> None:
+        for task in tasks:
+            try:
+                task()
+            except Exception:
+                log.exception("A task between replies failed")
 
     @torch.inference_mode()
     def _admit(self, pending: _Pending) -> None:

@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from backend.decode import batch_cache
 from backend.decode.batch_cache import RowKV
 from backend.models.packed_weights import PackedLinear
+from backend.models.row_kernels import RowsWeight
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # the same decoder layer, up to biases and a sliding window
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -82,6 +83,13 @@ class FusedDecodeStep:
             for layer in inner.layers
             for parent, name in _projections(layer)
         ]
+
+    def describe(self) -> str:
+        """What runs, in words: the kernels doing the post-ops are those of the first layer's q projection
+        (a model moves to the row kernels whole: backend.models.packed_weights.adopt_row_kernels)."""
+        rows = bool(self.layers) and type(self.layers[0].q.packed) is RowsWeight
+        kernels = "row kernels'" if rows else "oneDNN"
+        return f"fused ({kernels} post-ops on packed weights)"
 
     def still_applies(self) -> bool:
         """False once the model's layers are no longer the packed ones this step holds (wrapped since), or
@@ -136,7 +144,8 @@ def fused_decode_step(model: nn.Module) -> tuple[FusedDecodeStep | None, str]:
     reason = unsupported_reason(model)
     if reason:
         return None, f"transformers' forward ({reason})"
-    return FusedDecodeStep(model), "fused (oneDNN post-ops on packed weights)"
+    step = FusedDecodeStep(model)
+    return step, step.describe()
 
 
 def unsupported_reason(model: nn.Module) -> str | None:

@@ -23,6 +23,7 @@ from backend.model_status import LoadStatus, ModelInfo
 from backend.models.demo_text import DEMO_TEXT_MODEL
 from backend.models.hub import ModelUnavailable
 from backend.models.loading import LoadedModel, ModelSpec, load_text_model, with_joint_plan
+from backend.models.packed_weights import ROW_KERNELS
 from backend.placement.plans import dtype_name
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,20 @@ class ModelHolder:
             places=tuple(sorted({str(device) for device in loaded.plan.device_map.values()})),
             notes=tuple(note for note in loaded.notes if note not in warnings),
             is_demo=loaded.is_demo,
-            kernels=loaded.kernels,
+            kernels=loaded.kernels
+            + (f"; {awaiting.text()}" if (awaiting := loaded.awaiting_kernels) else ""),
         )
+
+    def kernels_state(self) -> str | None:
+        """For the banner (backend.models.row_kernels): "building" while the model serves on oneDNN until the
+        row kernels are built, "ready" until it moves to them, "on" once it runs on them, None otherwise."""
+        loaded = self._loaded
+        if loaded is None or self._status.state != "ready":
+            return None
+        awaiting = loaded.awaiting_kernels
+        if awaiting is not None:
+            return "building" if awaiting.building else "ready"
+        return "on" if loaded.kernels.startswith(ROW_KERNELS) else None
 
     def plan_report(self) -> dict | None:
         """The device plan and the memory in use now, for the System tab; None until a model is ready."""

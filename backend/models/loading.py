@@ -21,6 +21,7 @@ from backend.models.configs import load_config
 from backend.models.demo_text import DEMO_TEXT_MODEL, demo_text_model_dir, is_demo_model_dir
 from backend.models.hub import ModelUnavailable, resolve_model_dir
 from backend.models.packed_weights import pack_linears
+from backend.models.row_kernels import KernelBuild
 from backend.placement.budgets import memory_in_use, parse_gpu_memory, parse_size, visible_gpu_budgets
 from backend.placement.planner import ModelRequest, plan_models
 from backend.placement.plans import DevicePlan, JointPlan
@@ -47,6 +48,9 @@ class ModelSpec:
     trust_remote_code: bool = False  # --trust-remote-code: the repository's own Python code may run
     adapters: tuple[AdapterSpec, ...] = ()  # --lora: LoRA adapters put on the chat model, chosen per request
     packed_weights: bool = True  # CPU linears run oneDNN on packed weights (--no-packed-weights)
+    row_kernels: bool = True  # ...or our own row kernels where built (--no-row-kernels)
+    # The build of those kernels (backend.models.row_kernels), shared by the app's models; None: oneDNN only.
+    kernel_build: KernelBuild | None = field(default=None, compare=False)
     # This model's part of a plan made for both models before loading (with_joint_plan); None: plan it alone.
     planned: DevicePlan | None = field(default=None, compare=False)
 
@@ -72,6 +76,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters loaded on the model
     kernels: str = ""  # which linear kernels run (backend.models.packed_weights)
+    awaiting_kernels: KernelBuild | None = None  # packed for oneDNN while the row kernels build
 
     @property
     def context_window(self) -> int:
@@ -259,22 +264,33 @@ def load_text_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Load
     model.eval()
     model, adapters, adapter_notes = attach_adapters(model, spec.adapters, report)
     notes += adapter_notes
-    kernels = linear_kernels(model, spec, plan)
+    kernels, awaiting = linear_kernels(model, spec, plan)
     seconds = time.perf_counter() - started
     log.info("Loaded %s in %.1f s (%s, %s)", spec.name, seconds, spec.quantization, dtype)
     for note in adapter_notes:
         log.warning("%s", note)
     return LoadedModel(
-        model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, adapters, kernels
-    )
+        model, tokenizer, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, adapters, kernels,
+        awaiting,
+    )  # fmt: skip
 
 
-def linear_kernels(model, spec: ModelSpec, plan: DevicePlan) -> str:
-    """Pack the model's CPU linear layers for oneDNN unless --no-packed-weights; what runs, in words.
+def linear_kernels(model, spec: ModelSpec, plan: DevicePlan) -> tuple[str, KernelBuild | None]:
+    """Pack the model's CPU linear layers unless --no-packed-weights: for the row kernels when their build
+    is ready (waiting for one loading from its cache), for oneDNN otherwise. Returns what runs, in words,
+    and the build the model awaits (its layers move when it is ready: backend.services.model_engine).
     Second copies of shared weights may take half of what the plan's KV room leaves free."""
     if not spec.packed_weights:
-        return "PyTorch's default linear kernels (--no-packed-weights)"
+        return "PyTorch's default linear kernels (--no-packed-weights)", None
     spare = max(0, psutil.virtual_memory().available - plan.reserved.get("cpu", 0)) // 2
-    report = pack_linears(model, spare)
+    build = spec.kernel_build if spec.row_kernels else None
+    kernels = build.kernels(wait=CACHED_BUILD_WAIT if build.was_cached else 0) if build is not None else None
+    report = pack_linears(model, spare, kernels)
     log.info("%s", report.text)
-    return report.text
+    awaiting = build if build is not None and build.building and report.layers else None
+    return report.text, awaiting
+
+
+# Seconds a load waits for row kernels in the cache: well under 1 s here, about 20 when ninja rebuilds a
+# source with a newer timestamp (after a checkout); a cold build is not waited for.
+CACHED_BUILD_WAIT = 30.0

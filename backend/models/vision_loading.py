@@ -27,6 +27,7 @@ from backend.models.loading import (
     quantization_config,
     remote_code,
 )
+from backend.models.row_kernels import KernelBuild
 from backend.placement.plans import DevicePlan
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class LoadedVision:
     load_seconds: float
     notes: list[str] = field(default_factory=list)
     kernels: str = ""  # which linear kernels run (backend.models.packed_weights)
+    awaiting_kernels: KernelBuild | None = None  # packed for oneDNN while the row kernels build
 
     @property
     def tokenizer(self):
@@ -114,12 +116,13 @@ def load_vision_model(spec: ModelSpec, progress: ProgressFn | None = None) -> Lo
         offload_folder=spec.offload_dir,
     )
     model.eval()
-    kernels = linear_kernels(model, spec, plan)
+    kernels, awaiting = linear_kernels(model, spec, plan)
     seconds = time.perf_counter() - started
     log.info("Loaded %s (%s) in %.1f s (%s, %s)", spec.name, family, seconds, spec.quantization, dtype)
     return LoadedVision(
-        model, processor, family, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, kernels
-    )
+        model, processor, family, spec, path, is_demo_model_dir(path), plan, dtype, seconds, notes, kernels,
+        awaiting,
+    )  # fmt: skip
 
 
 def _check_blip_checkpoint(config, processor, notes: list[str]) -> None:

@@ -11,6 +11,8 @@ from dataclasses import replace
 from backend.contracts import ModelSource
 from backend.decode.engine import Engine, EngineLimits
 from backend.errors import ModelNotReady
+from backend.models.packed_weights import ROW_KERNELS, adopt_row_kernels
+from backend.models.row_kernels import RowKernels
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,17 @@ def kv_budget_text(limits: EngineLimits, context_window: int) -> str:
         f"KV cache: {limits.kv_tokens:,} tokens; maximum concurrency for {context_window:,} tokens per "
         f"request: {limits.kv_tokens / context_window:.2f}x (at most {limits.max_batch_size} at once)"
     )
+
+
+def adopt_kernels(loaded, kernels: RowKernels) -> None:
+    """Move a loaded model packed for oneDNN to the row kernels, and say so where the System tab reads it."""
+    if loaded.awaiting_kernels is None:  # already moved (a second engine on the same model)
+        return
+    moved = adopt_row_kernels(loaded.model, kernels)
+    loaded.awaiting_kernels = None
+    if moved:
+        loaded.kernels = f"{ROW_KERNELS} on packed weights: on ({moved} linear layers, moved from oneDNN)"
+    log.info("%s: %d linear layers moved to the row kernels", loaded.spec.name, moved)
 
 
 class ModelEngine:
@@ -47,6 +60,13 @@ class ModelEngine:
                 # A vision model's own generation_config names its end tokens, also when its LM decodes.
                 self._engine = Engine(model, loaded.tokenizer, limits, eos_model=loaded.model)
                 log.info("%s: decode step: %s", self.holder.loaded_name, self._engine.decode_path)
+                # Loaded while the row kernels built: its layers move to them between replies once built.
+                build = getattr(loaded, "awaiting_kernels", None)
+                if build is not None:
+                    engine = self._engine
+                    build.when_ready(
+                        lambda kernels: engine.between_replies(lambda: adopt_kernels(loaded, kernels))
+                    )
             return self._engine
 
     def queue_stats(self) -> tuple[int, int]:

@@ -1,0 +1,186 @@
+// Linear layers for a few rows at a time on AVX-512 CPUs: out[r] = op(x[r] W^T + b, other[r]).
+// Built at run time by backend/models/row_kernels.py, which says why they are ours.
+//
+// A weight is packed once into column blocks of 32 outputs, laid out in the order the loop reads them:
+// float32 [N/32][K][32], bfloat16 [N/32][K/2][32][2] (pairs of k for vdpbf16ps). Threads take whole
+// column blocks; each block streams its weights once for every 8 rows. Every output is one accumulator
+// summed over k in the same order whatever the other rows are: a row's result never depends on its
+// neighbours or on how many rows there are (the engine's seeds rely on that; tests check it bit for bit).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t COLS = 32;    // outputs per column block: two 16-float vectors
+constexpr int64_t ROWS = 8;     // rows per pass over a block: 16 accumulators stay in registers
+constexpr int64_t AHEAD = 32;   // prefetch distance in k steps: 2-4 KB ahead of the loads
+
+enum Op : int64_t { NONE = 0, SWISH = 1, ADD = 2, MUL = 3 };
+
+// e^x for the SiLU, to about 1 ulp: 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 swish16(__m512 v) {
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {
+  const __m256i half = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store16(at::BFloat16* p, __m512 v, __mmask16 mask) {
+  // Round to nearest even, as PyTorch's float -> bfloat16 conversion.
+  _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Accumulators of M rows x 32 outputs for one column block, summed over k in order.
+template <int M>
+inline void block(const float* x, int64_t ldx, const float* w, int64_t k, __m512 (&a0)[M], __m512 (&a1)[M]) {
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (i + AHEAD) * COLS), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (i + AHEAD) * COLS + 16), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(w + i * COLS);
+    const __m512 w1 = _mm512_loadu_ps(w + i * COLS + 16);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[m * ldx + i]);
+      a0[m] = _mm512_fmadd_ps(xv, w0, a0[m]);
+      a1[m] = _mm512_fmadd_ps(xv, w1, a1[m]);
+    }
+  }
+}
+
+template <int M>
+inline void block(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t k, __m512 (&a0)[M],
+                  __m512 (&a1)[M]) {
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(x);  // k is even: x[m, 2p:2p+2] as one int32
+  const int64_t ldp = ldx / 2;
+  for (int64_t p = 0; p < k / 2; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (p + AHEAD) * 2 * COLS), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (p + AHEAD) * 2 * COLS + COLS), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 2 * COLS);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 2 * COLS + COLS);
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pairs[m * ldp + p]);
+      a0[m] = _mm512_dpbf16_ps(a0[m], xv, w0);
+      a1[m] = _mm512_dpbf16_ps(a1[m], xv, w1);
+    }
+  }
+}
+
+template <typename T>
+struct Call {
+  const T* x;
+  int64_t ldx, rows, k, n;
+  const T* w;
+  const T* bias;
+  const T* other;
+  int64_t ldother;
+  Op op;
+  T* out;
+};
+
+template <typename T, int M>
+void rows_of_block(const Call<T>& c, int64_t row, int64_t b) {
+  __m512 a0[M], a1[M];
+  block<M>(c.x + row * c.ldx, c.ldx, c.w + b * c.k * COLS, c.k, a0, a1);
+  for (int half = 0; half < 2; ++half) {
+    const int64_t col = b * COLS + half * 16;
+    if (col >= c.n) break;
+    const int64_t left = c.n - col;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const __m512 bias = c.bias ? load16(c.bias + col, mask) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m512 v = _mm512_add_ps(half ? a1[m] : a0[m], bias);
+      if (c.op == SWISH) {
+        v = swish16(v);
+      } else if (c.op == ADD) {
+        v = _mm512_add_ps(v, load16(c.other + (row + m) * c.ldother + col, mask));
+      } else if (c.op == MUL) {
+        v = _mm512_mul_ps(v, load16(c.other + (row + m) * c.ldother + col, mask));
+      }
+      store16(c.out + (row + m) * c.n + col, v, mask);
+    }
+  }
+}
+
+template <typename T>
+void column_block(const Call<T>& c, int64_t b) {
+  for (int64_t row = 0; row < c.rows; row += ROWS) {
+    switch (std::min<int64_t>(ROWS, c.rows - row)) {
+      case 1: rows_of_block<T, 1>(c, row, b); break;
+      case 2: rows_of_block<T, 2>(c, row, b); break;
+      case 3: rows_of_block<T, 3>(c, row, b); break;
+      case 4: rows_of_block<T, 4>(c, row, b); break;
+      case 5: rows_of_block<T, 5>(c, row, b); break;
+      case 6: rows_of_block<T, 6>(c, row, b); break;
+      case 7: rows_of_block<T, 7>(c, row, b); break;
+      default: rows_of_block<T, 8>(c, row, b); break;
+    }
+  }
+}
+
+template <typename T>
+void run(const Call<T>& c, int64_t blocks) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) column_block<T>(c, b);
+  });
+}
+
+}  // namespace
+
+// x [rows, k] (rows contiguous); w packed [N/32, k, 32]; bias [n] or None; other [rows, n] or None.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
+                     const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& other,
+                     int64_t op) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.dim() == 3 && w.size(2) == COLS);
+  TORCH_CHECK(x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type() && w.size(0) * COLS >= n);
+  TORCH_CHECK(op >= NONE && op <= MUL && ((op == ADD || op == MUL) == other.has_value()));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "float32 or bfloat16 only");
+  TORCH_CHECK(!bf16 || x.size(1) % 2 == 0, "bfloat16 rows need an even length");
+  if (bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == x.scalar_type());
+  if (other) {
+    TORCH_CHECK(other->dim() == 2 && other->size(0) == x.size(0) && other->size(1) == n && other->stride(1) == 1);
+    TORCH_CHECK(other->scalar_type() == x.scalar_type());
+  }
+  auto out = torch::empty({x.size(0), n}, x.options());
+  if (x.size(0) == 0) return out;
+  auto call = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    Call<T> c{x.data_ptr<T>(), x.stride(0), x.size(0), x.size(1), n, w.data_ptr<T>(),
+              bias ? bias->data_ptr<T>() : nullptr, other ? other->data_ptr<T>() : nullptr,
+              other ? other->stride(0) : 0, static_cast<Op>(op), out.data_ptr<T>()};
+    run<T>(c, w.size(0));
+  };
+  if (bf16) call(static_cast<at::BFloat16*>(nullptr));
+  else call(static_cast<float*>(nullptr));
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Without the GIL: other Python threads (the UI, streaming) run while a layer computes.
+  m.def("linear", &linear, py::call_guard<py::gil_scoped_release>());
+}
