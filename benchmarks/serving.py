@@ -28,8 +28,9 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.decode.engine import Engine, EngineLimits  # noqa: E402
-from backend.models.demo_text import demo_text_model_dir  # noqa: E402
+from backend.models.demo_text import default_cache_root, demo_text_model_dir  # noqa: E402
 from backend.models.packed_weights import pack_linears  # noqa: E402
+from backend.models.row_kernels import KernelBuild, RowKernels  # noqa: E402
 from backend.settings import GenerationSettings  # noqa: E402
 from backend.torch_threads import call_on_fresh_thread  # noqa: E402
 
@@ -86,8 +87,11 @@ def pct(values: list[float], q: int) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] * 1000, 1)
 
 
-def build_model(shape: str, dtype: torch.dtype, packed: bool = False) -> LlamaForCausalLM:
-    """Random weights of `shape`; `packed`: as the app loads it on a CPU (backend.models.packed_weights)."""
+def build_model(
+    shape: str, dtype: torch.dtype, packed: bool = False, kernels: RowKernels | None = None
+) -> LlamaForCausalLM:
+    """Random weights of `shape`; `packed`: as the app loads it on a CPU (backend.models.packed_weights), for
+    the row kernels where `kernels` are given (backend.models.row_kernels), for oneDNN otherwise."""
     config = LlamaConfig(
         **SHAPES[shape], max_position_embeddings=2048, bos_token_id=0, eos_token_id=1, pad_token_id=3
     )
@@ -97,7 +101,7 @@ def build_model(shape: str, dtype: torch.dtype, packed: bool = False) -> LlamaFo
     model.generation_config.eos_token_id = None  # random weights: every run makes all its tokens
     model = model.to(dtype).eval()
     if packed:
-        print(f"  {pack_linears(model).text}", flush=True)
+        print(f"  {pack_linears(model, kernels=kernels).text}", flush=True)
     return model
 
 
@@ -302,6 +306,7 @@ def measure_dtype(
     prompt_len: int,
     repeats: int,
     bandwidth: dict,
+    kernels: RowKernels | None,
 ) -> dict:
     """Every system, one at a time, with no OpenMP team left behind by the one before."""
     name = str(dtype).removeprefix("torch.")
@@ -309,9 +314,11 @@ def measure_dtype(
         shape, name, torch.get_num_threads(), new_tokens, prompt_len, repeats
     )
     model = call_on_fresh_thread(build_model, shape, dtype)
-    # The engine runs the model as the app loads it on a CPU: linear layers on oneDNN with packed weights.
-    # The anchors (serialised generate, static batch) run plain transformers, as they do.
-    packed = call_on_fresh_thread(build_model, shape, dtype, True)
+    # The engine runs the model as the app loads it on a CPU: linear layers on packed weights, for the row
+    # kernels where this CPU has them (else oneDNN, and no engine_onednn arm). The anchors (serialised
+    # generate, static batch) run plain transformers, as they do.
+    packed = call_on_fresh_thread(build_model, shape, dtype, True, kernels)
+    onednn = call_on_fresh_thread(build_model, shape, dtype, True) if kernels is not None else None
     tokenizer = AutoTokenizer.from_pretrained(
         demo_text_model_dir(Path(tempfile.gettempdir()) / "bench-cache")
     )
@@ -335,6 +342,8 @@ def measure_dtype(
             # PyTorch's default kernels (--no-packed-weights, where no fused step applies).
             arms.append(("engine_transformers_step", True, packed, False))
             arms.append(("engine_unpacked", True, model, True))
+            if onednn is not None:  # the same engine on oneDNN's kernels (--no-row-kernels)
+                arms.append(("engine_onednn", True, onednn, True))
         for system, invariant, engine_model, fused in arms:
             limits = EngineLimits(
                 max_batch_size=max(8, users), max_queue=64, batch_invariant=invariant, fused_decode=fused
@@ -397,6 +406,11 @@ def ratios(result: dict) -> dict:
             found[f"packed_{users}_tok_s_ratio"] = (
                 row["engine"]["tok_per_s"] / row["engine_unpacked"]["tok_per_s"]
             )
+    for users, row in scenarios.items():  # what the row kernels bring over oneDNN's
+        if "engine_onednn" in row:
+            found[f"row_kernels_{users}_tok_s_ratio"] = (
+                row["engine"]["tok_per_s"] / row["engine_onednn"]["tok_per_s"]
+            )
     for users, row in scenarios.items():  # what the fused decode step brings over transformers' forward
         if "engine_transformers_step" in row:
             found[f"fused_{users}_tok_s_ratio"] = (
@@ -437,6 +451,8 @@ def markdown(report: dict) -> str:
         f"{report['threads']} threads)",
         "",
         f"Command: `{report['command']}`",
+        "",
+        f"Linear kernels: {report.get('row_kernels', 'oneDNN')} (engine_onednn: the same engine, oneDNN's).",
         "",
     ]
     bandwidth = report["bandwidth"]
@@ -521,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="1 and 8 users, 16 tokens, fp32: a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-row-kernels", action="store_true", help="the engine on oneDNN, as the app's flag"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.dtypes, args.users, args.new_tokens, args.repeats = "float32", "1,8", 16, 1
@@ -541,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     # On a thread that ends: an OpenMP team kept by this main thread would slow every later measurement.
     report["bandwidth"] = call_on_fresh_thread(memory_bandwidth)
     print("memory:", report["bandwidth"], flush=True)
+    build = KernelBuild(default_cache_root() / "kernels", enabled=not args.no_row_kernels).start()
+    kernels = build.kernels(wait=900)  # as the app, once built (cached across runs)
+    report["row_kernels"] = build.text()
+    print(build.text(), flush=True)
     for name in args.dtypes.split(","):
         print(f"{args.shape} {name}:", flush=True)
         result = measure_dtype(
@@ -551,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prompt_tokens,
             args.repeats,
             report["bandwidth"],
+            kernels,
         )
         result["ratios"] = ratios(result)
         print("  ratios:", result["ratios"], flush=True)
