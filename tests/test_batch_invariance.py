@@ -189,7 +189,7 @@ class MatrixMultiplies(TorchDispatchMode):
 
 
 def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_the_fixed_batch(
-    wide_model, engine, monkeypatch
+    wide_model, engine, monkeypatch, row_kernels_built
 ):
     """Machine-independent: what AMX or a GPU would show, shown by shapes on any CPU."""
     no_early_end(monkeypatch)
@@ -229,6 +229,25 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         return original_row(query, keys, values, out)
 
     monkeypatch.setattr(batch_cache, "_decode_row", decode_row)
+    if row_kernels_built is not None:  # the row kernels' attention: every row's shapes, as _decode_row's
+
+        def attend_rows(
+            query,
+            new_keys,
+            new_values,
+            keys,
+            values,
+            lengths,
+            window,
+            original=row_kernels_built.library.attend_rows,
+        ):
+            kv_heads, dim = new_keys.shape[1:]
+            for n in lengths:
+                grouped = (kv_heads, query.shape[1] // kv_heads, dim)
+                decode_rows[run[0]].append((grouped, (kv_heads, min(n, window) if window else n, dim)))
+            return original(query, new_keys, new_values, keys, values, lengths, window)
+
+        monkeypatch.setattr(row_kernels_built.library, "attend_rows", attend_rows)
     alone(engine, 3, "sampled")
     run[0] = "batched"
     with plugged(engine, prompt(0)):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.decode import batch_cache
+from backend.decode.batch_cache import RowKV
 from backend.decode.engine import Engine, EngineLimits
 from backend.models.demo_text import default_cache_root
 from backend.models.holder import ModelHolder
@@ -122,6 +124,42 @@ def test_a_model_packed_for_onednn_moves_to_the_row_kernels_whole(row_kernels):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.allclose(after, before, rtol=2e-2, atol=6e-2 * before.abs().max().item())
     assert adopt_row_kernels(model, row_kernels) == 0  # nothing left to move
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_decode_steps_attention_on_the_row_kernels_is_torchs_maths(row_kernels, dtype, window):
+    """Each row writes its key and value and attends over its own keys (a sliding window's last ones);
+    padding rows give zeros. Against the float32 torch path, to rounding."""
+    torch_dtype = DTYPES[dtype][0]
+    generator = torch.Generator().manual_seed(4)
+    lengths, kv_heads, heads, dim = [3, 17, 9], 3, 9, 64
+
+    def rows() -> list[RowKV]:  # the same keys each time
+        keys_of = torch.Generator().manual_seed(5)
+        made = []
+        for length in lengths:
+            row = RowKV(32)
+            row.append(
+                0, *(random(kv_heads, length, dim, generator=keys_of, dtype=torch_dtype) for _ in "kv")
+            )
+            made.append(row)
+        return made
+
+    query = random(4, heads, dim, generator=generator, dtype=torch_dtype)  # 3 rows and one of padding
+    keys, values = (random(4, kv_heads, dim, generator=generator, dtype=torch_dtype) for _ in "kv")
+    theirs_rows, ours_rows = rows(), rows()
+    theirs = batch_cache.decode_attention(theirs_rows, 0, query, keys, values, 0.125, window)
+    ours = batch_cache.decode_attention(
+        ours_rows, 0, query, keys, values, 0.125, window, row_kernels.library.attend_rows
+    )
+    assert ours.shape == theirs.shape == (4, heads * dim) and ours.dtype == torch_dtype
+    assert torch.equal(ours[3], torch.zeros_like(ours[3]))
+    tolerance = 1e-5 if torch_dtype == torch.float32 else 1e-2
+    assert (ours.float() - theirs.float()).abs().max() <= tolerance * theirs.float().abs().max()
+    for mine, reference in zip(ours_rows, theirs_rows, strict=True):  # the new key and value went in
+        assert mine.length == reference.length
+        assert all(torch.equal(a, b) for a, b in zip(mine.view(0), reference.view(0), strict=True))
 
 
 def test_work_between_replies_waits_until_no_reply_is_decoding(demo_tokenizer, watch_forwards, monkeypatch):

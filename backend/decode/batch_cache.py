@@ -54,7 +54,9 @@ class RowKV:
         self._values[layer][:, start : start + count] = values
         self._lengths[layer] = start + count
 
-    def append_one(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append_one(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step's write: one token's `key`/`value` [kv_heads, head_dim] after what `layer` holds (its
         prefill made the room); returns the layer's keys and values so far, [kv_heads, tokens, head_dim]."""
         start = self._lengths[layer]
@@ -65,6 +67,15 @@ class RowKV:
         values[:, start] = value
         self._lengths[layer] = start + 1
         return keys[:, : start + 1], values[:, : start + 1]
+
+    def claim_one(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one token after what `layer` holds, for a kernel that writes it there itself: the layer's
+        buffers [kv_heads, capacity, head_dim] and its length with that token."""
+        start = self._lengths[layer]
+        if start >= self.capacity:
+            raise RuntimeError(f"a request outgrew its reserved KV room ({self.capacity} tokens)")
+        self._lengths[layer] = start + 1
+        return self._keys[layer], self._values[layer], start + 1
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `layer` so far: [1, kv_heads, tokens, head_dim], no copy."""
@@ -187,6 +198,7 @@ def decode_attention(
     values: torch.Tensor,
     scaling: float | None,
     sliding_window: int | None,
+    attend_rows=None,
 ) -> torch.Tensor:
     """A decode step's attention for a batch, as the fused step (backend.decode.fused_step) calls it: query
     [batch, heads, dim] and this step's keys/values [batch, kv_heads, dim]. Row i appends its key and value
@@ -196,11 +208,28 @@ def decode_attention(
     Ours, beside _attend, because a step makes this call for every row and layer (240 for 8 rows of
     SmolLM2's shape): the query is scaled, widened and split once per layer for all rows, and a row costs
     its write and five operations. Side by side here, 8 rows x 30 layers, bfloat16: 11.3-13.2 ms a step
-    against 14.3-18.3 through append, view and _attend."""
+    against 14.3-18.3 through append, view and _attend.
+
+    `attend_rows`, the row kernels' (backend.models.row_kernels), does the same for all rows in one call:
+    the writes, and each row's float32 maths in its own order. 8 rows x 30 layers of SmolLM2's shape, side
+    by side here: 128 keys a row, bfloat16 4.3-4.8 ms a step against 11.0-11.4, float32 6.6-7.3 against
+    10.1-11.9; 1,024 keys, bfloat16 27.7-29.3 against 30.9-33.9."""
     batch, heads, dim = query.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
+    if attend_rows is not None and keys.dtype in (torch.float32, torch.bfloat16):
+        claimed = [row.claim_one(layer) for row in rows]
+        out = attend_rows(
+            (query.float() * scale).contiguous(),
+            keys.contiguous(),
+            values.contiguous(),
+            [claim[0] for claim in claimed],
+            [claim[1] for claim in claimed],
+            [claim[2] for claim in claimed],
+            sliding_window or 0,
+        )
+        return out.view(batch, heads * dim).to(query.dtype)
     grouped = (query.float() * scale).view(batch, kv_heads, groups, dim).unbind(0)  # head h reads h // groups
     out = torch.zeros((batch, kv_heads, groups, dim), device=query.device)
     new_keys, new_values = keys.unbind(0), values.unbind(0)

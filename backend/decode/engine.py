@@ -145,7 +145,7 @@ class Engine:
 
     @property
     def decode_path(self) -> str:
-        """Which decode step runs, in words (the fused step's kernels can change: backend.models.row_kernels)."""
+        """Which decode step runs, in words (its kernels can change: backend.models.row_kernels)."""
         return self._fused.describe() if self._fused is not None else self._decode_path
 
     def submit_beam(self, prompt_ids: list[int], settings: GenerationSettings) -> RequestHandle:

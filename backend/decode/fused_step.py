@@ -116,9 +116,10 @@ class FusedDecodeStep:
         # q and k turned together: transformers' rotary maths (apply_rotary_pos_emb), one pass for both.
         qk = torch.cat((q, k), dim=1).view(batch, heads + kv_heads, dim)
         qk = qk * cos + rotate_half(qk) * sin
+        packed = layer.q.packed  # on the row kernels, a row's attention is theirs too
         attended = batch_cache.decode_attention(
             rows, index, qk[:, :heads], qk[:, heads:], v.view(batch, kv_heads, dim), layer.scaling,
-            layer.sliding_window,
+            layer.sliding_window, packed.kernels.library.attend_rows if type(packed) is RowsWeight else None,
         )  # fmt: skip
         x = layer.o.rows_then(attended, x, "add")  # x + o_proj(attention)
         h = layer.post_attention_norm(x)

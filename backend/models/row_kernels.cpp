@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 #include <type_traits>
 
 namespace {
@@ -149,7 +151,103 @@ void run(const Call<T>& c, int64_t blocks) {
   });
 }
 
+// One row's attention for one kv head and the query heads that read it: scores over keys [start, n) of a
+// [capacity, dim] buffer, a softmax, then the values they weigh; float32 throughout, in one order.
+template <typename T>
+void attend_head(const float* q, int64_t groups, const T* keys, const T* values, int64_t start, int64_t n,
+                 int64_t dim, float* out, std::vector<float>& scores) {
+  const int64_t len = n - start, chunks = (dim + 15) / 16;
+  scores.resize(groups * len);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* k = keys + (start + t) * dim;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t left = dim - c * 16;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + g * dim + c * 16), load16(k + c * 16, mask), acc);
+      }
+      scores[g * len + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    float* s = scores.data() + g * len;
+    float top = s[0];
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+    float sum = 0.0f;
+    for (int64_t t = 0; t < len; t += 16) {
+      const int64_t left = len - t;
+      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(s + t, mask, e);
+      sum += _mm512_mask_reduce_add_ps(mask, e);
+    }
+    const __m512 inverse = _mm512_set1_ps(1.0f / sum);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t left = dim - c * 16;
+      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t t = 0; t < len; ++t) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values + (start + t) * dim + c * 16, mask), acc);
+      }
+      _mm512_mask_storeu_ps(out + g * dim + c * 16, mask, _mm512_mul_ps(acc, inverse));
+    }
+  }
+}
+
 }  // namespace
+
+// A decode step's attention for every row (backend.decode.batch_cache.decode_attention): row i writes its new
+// key and value at position lengths[i] - 1 of its buffers [kv_heads, capacity, dim] and attends over its own
+// keys (the last `window` when window > 0). query [B, heads, dim] float32, already scaled; new_keys and
+// new_values [B, kv_heads, dim] in the buffers' dtype. Returns [B, heads, dim] float32; rows beyond the lists
+// (padding) give zeros. Each (row, kv head) is one thread's, summed in one order: no row sees another.
+torch::Tensor attend_rows(const torch::Tensor& query, const torch::Tensor& new_keys, const torch::Tensor& new_values,
+                          const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                          const std::vector<int64_t>& lengths, int64_t window) {
+  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = new_keys.size(1), groups = heads / kv_heads, rows = keys.size();
+  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == at::kFloat && heads == kv_heads * groups);
+  TORCH_CHECK(new_keys.is_contiguous() && new_values.is_contiguous() && new_keys.sizes() == new_values.sizes());
+  TORCH_CHECK(values.size() == keys.size() && lengths.size() == keys.size() && rows <= batch);
+  const auto dtype = new_keys.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only");
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].scalar_type() == dtype);
+    TORCH_CHECK(values[i].scalar_type() == dtype && keys[i].size(0) == kv_heads && keys[i].size(2) == dim);
+    TORCH_CHECK(keys[i].sizes() == values[i].sizes() && lengths[i] >= 1 && lengths[i] <= keys[i].size(1));
+  }
+  auto out = torch::zeros({batch, heads, dim}, query.options());
+  int64_t work = 0;
+  for (int64_t i = 0; i < rows; ++i) work += lengths[i];
+  // Threads only where there is enough to share; a (row, kv head)'s numbers are the same either way.
+  const int64_t grain = std::max<int64_t>(1, (rows * kv_heads * 4096) / std::max<int64_t>(1, work * dim * groups));
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    for (int64_t i = 0; i < rows; ++i) {  // the new key and value first: every head reads them
+      const int64_t at = lengths[i] - 1, capacity = keys[i].size(1);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(keys[i].data_ptr<T>() + (h * capacity + at) * dim, new_keys.data_ptr<T>() + (i * kv_heads + h) * dim,
+                    dim * sizeof(T));
+        std::memcpy(values[i].data_ptr<T>() + (h * capacity + at) * dim,
+                    new_values.data_ptr<T>() + (i * kv_heads + h) * dim, dim * sizeof(T));
+      }
+    }
+    at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t i = item / kv_heads, h = item % kv_heads, capacity = keys[i].size(1), n = lengths[i];
+        const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+        attend_head<T>(query.data_ptr<float>() + (i * heads + h * groups) * dim, groups,
+                       keys[i].data_ptr<T>() + h * capacity * dim, values[i].data_ptr<T>() + h * capacity * dim, start,
+                       n, dim, out.data_ptr<float>() + (i * heads + h * groups) * dim, scores);
+      }
+    });
+  };
+  if (dtype == at::kBFloat16) run(static_cast<at::BFloat16*>(nullptr));
+  else run(static_cast<float*>(nullptr));
+  return out;
+}
 
 // x [rows, k] (rows contiguous); w packed [N/32, k, 32]; bias [n] or None; other [rows, n] or None.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
@@ -183,4 +281,5 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL: other Python threads (the UI, streaming) run while a layer computes.
   m.def("linear", &linear, py::call_guard<py::gil_scoped_release>());
+  m.def("attend_rows", &attend_rows, py::call_guard<py::gil_scoped_release>());
 }
