@@ -245,7 +245,7 @@ def test_a_build_a_killed_process_left_unfinished_does_not_block_the_next(row_ke
 
 
 def test_where_the_kernels_cannot_be_built_the_app_says_why_and_serves_on_onednn(
-    row_kernels, monkeypatch, tmp_path
+    demo_text_dir, row_kernels, monkeypatch, tmp_path
 ):
     off = KernelBuild(tmp_path, enabled=False).start()
     assert (
@@ -264,3 +264,28 @@ def test_where_the_kernels_cannot_be_built_the_app_says_why_and_serves_on_onednn
     failed = KernelBuild(tmp_path, builder=failing).start()
     assert failed.kernels(wait=HANG) is None and not failed.building
     assert failed.text() == "row kernels unavailable: the build failed (c++: fatal error: killed)"
+    for build in (off, failed):  # the System tab's Kernels line says why
+        holder = ModelHolder(ModelSpec(name=str(demo_text_dir), dtype="bfloat16", kernel_build=build))
+        holder.load()
+        assert holder.info().kernels == (f"oneDNN packed weights: on (15 linear layers); {build.text()}")
+        assert holder.kernels_state() is None
+
+
+@pytest.mark.parametrize(
+    "argv, env, on",
+    [([], {}, True), (["--no-row-kernels"], {}, False), ([], {"PLAYGROUND_NO_ROW_KERNELS": "1"}, False)],
+    ids=["default", "flag", "variable"],
+)
+def test_the_flag_and_its_variable_keep_the_app_on_onednn(row_kernels, argv, env, on):
+    from app import local_services
+    from backend.config import parse_config
+
+    config = parse_config(argv, has_gpu=False, env=env)
+    assert config.placement.row_kernels is on
+    chat, images, holders = local_services(config, load_in_background=False, stats=RequestStats())
+    for holder in holders:  # the chat model and the vision model: the app's cache is warm (conftest)
+        kernels = holder.info().kernels
+        if on:
+            assert kernels.startswith(f"{ROW_KERNELS} on packed weights: on"), kernels
+        else:
+            assert kernels.endswith("; row kernels unavailable: off (--no-row-kernels)"), kernels

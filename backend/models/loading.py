@@ -283,11 +283,15 @@ def linear_kernels(model, spec: ModelSpec, plan: DevicePlan) -> tuple[str, Kerne
     if not spec.packed_weights:
         return "PyTorch's default linear kernels (--no-packed-weights)", None
     spare = max(0, psutil.virtual_memory().available - plan.reserved.get("cpu", 0)) // 2
-    build = spec.kernel_build if spec.row_kernels else None
-    kernels = build.kernels(wait=CACHED_BUILD_WAIT if build.was_cached else 0) if build is not None else None
+    build = spec.kernel_build
+    usable = build is not None and spec.row_kernels
+    kernels = build.kernels(wait=CACHED_BUILD_WAIT if build.was_cached else 0) if usable else None
     report = pack_linears(model, spare, kernels)
     log.info("%s", report.text)
-    awaiting = build if build is not None and build.building and report.layers else None
+    awaiting = build if usable and build.building and report.layers else None
+    if build is not None and kernels is None and awaiting is None and report.layers:
+        why = build.text() if spec.row_kernels else "row kernels unavailable: off (--no-row-kernels)"
+        return f"{report.text}; {why}", None  # off, no compiler, a failed build: the System tab says which
     return report.text, awaiting
 
 
