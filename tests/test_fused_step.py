@@ -47,9 +47,11 @@ def build(kind: str, dtype: torch.dtype, packed: bool = True, kernels=None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = MODELS[kind]() if kind in MODELS else kind()
-        for parameter in model.parameters():  # random biases too, so that a dropped bias shows
+        for parameter in model.parameters():  # random biases and norm weights, so that a dropped one shows
             if parameter.dim() == 1 and parameter.abs().sum() == 0:
                 parameter.data.normal_(0, 0.5)
+            elif parameter.dim() == 1 and bool((parameter == 1).all()):
+                parameter.data.normal_(1, 0.5)
     model = model.to(dtype).eval()
     use_row_attention(model)
     if packed:

@@ -126,6 +126,25 @@ def test_a_model_packed_for_onednn_moves_to_the_row_kernels_whole(row_kernels):
     assert adopt_row_kernels(model, row_kernels) == 0  # nothing left to move
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_a_row_kernel_rms_norm_is_transformers_llama_rms_norm(row_kernels, dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch_dtype = DTYPES[dtype][0]
+    generator = torch.Generator().manual_seed(6)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch_dtype)
+    norm.weight.data = random(576, generator=generator, dtype=torch_dtype)
+    x = random(8, 576, generator=generator, dtype=torch_dtype, scale=3.0)
+    with torch.inference_mode():
+        expected = norm(x)
+        got = row_kernels.library.rms_norm(x, norm.weight, norm.variance_epsilon)
+        alone = row_kernels.library.rms_norm(x[5:6].contiguous(), norm.weight, norm.variance_epsilon)
+    assert got.dtype == torch_dtype and torch.equal(alone[0], got[5])
+    # The same maths, the mean summed in another order: float32 to rounding, bfloat16 within one step of it.
+    tolerance = 1e-6 if torch_dtype == torch.float32 else 2**-7
+    assert (got.float() - expected.float()).abs().max() <= tolerance * expected.float().abs().max()
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_a_decode_steps_attention_on_the_row_kernels_is_torchs_maths(row_kernels, dtype, window):

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -249,6 +250,44 @@ torch::Tensor attend_rows(const torch::Tensor& query, const torch::Tensor& new_k
   return out;
 }
 
+// Llama's RMSNorm as transformers computes it, a row at a time: float32 x * rsqrt(mean(x^2) + eps), rounded to
+// x's dtype, then times the weight and rounded again. x [rows, hidden] contiguous, weight [hidden].
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1));
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight in one dtype");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "float32 or bfloat16 only");
+  const int64_t rows = x.size(0), hidden = x.size(1), chunks = (hidden + 15) / 16;
+  auto out = torch::empty_like(x);
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    const T* xs = x.data_ptr<T>();
+    const T* ws = weight.data_ptr<T>();
+    T* os = out.data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = xs + r * hidden;
+      __m512 squares = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t left = hidden - c * 16;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512 v = load16(row + c * 16, mask);
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + static_cast<float>(eps));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t left = hidden - c * 16;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        T* target = os + r * hidden + c * 16;
+        store16(target, _mm512_mul_ps(load16(row + c * 16, mask), _mm512_set1_ps(scale)), mask);  // rounded
+        store16(target, _mm512_mul_ps(load16(ws + c * 16, mask), load16(target, mask)), mask);
+      }
+    }
+  };
+  if (bf16) run(static_cast<at::BFloat16*>(nullptr));
+  else run(static_cast<float*>(nullptr));
+  return out;
+}
+
 // x [rows, k] (rows contiguous); w packed [N/32, k, 32]; bias [n] or None; other [rows, n] or None.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
                      const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& other,
@@ -282,4 +321,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL: other Python threads (the UI, streaming) run while a layer computes.
   m.def("linear", &linear, py::call_guard<py::gil_scoped_release>());
   m.def("attend_rows", &attend_rows, py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
 }
