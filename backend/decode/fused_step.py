@@ -87,9 +87,13 @@ class FusedDecodeStep:
     def describe(self) -> str:
         """What runs, in words: the kernels doing the post-ops are those of the first layer's q projection
         (a model moves to the row kernels whole: backend.models.packed_weights.adopt_row_kernels)."""
-        rows = bool(self.layers) and type(self.layers[0].q.packed) is RowsWeight
-        kernels = "row kernels'" if rows else "oneDNN"
+        kernels = "row kernels'" if self._row_library() is not None else "oneDNN"
         return f"fused ({kernels} post-ops on packed weights)"
+
+    def _row_library(self):
+        """The row kernels' library while the model runs on them (it moves to them whole), else None."""
+        packed = self.layers[0].q.packed if self.layers else None
+        return packed.kernels.library if type(packed) is RowsWeight else None
 
     def still_applies(self) -> bool:
         """False once the model's layers are no longer the packed ones this step holds (wrapped since), or
@@ -105,9 +109,7 @@ class FusedDecodeStep:
         x = self.embed(ids.view(batch, 1))  # [B, 1, hidden], as transformers holds it
         cos, sin = self.rotary(x, positions.view(batch, 1))
         x = x.view(batch, -1)
-        packed = self.layers[0].q.packed if self.layers else None
-        # On the row kernels (the model moves to them whole), their norms and attention too.
-        kernels = packed.kernels.library if type(packed) is RowsWeight else None
+        kernels = self._row_library()  # on the row kernels, their norms and attention too
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, cos, sin, rows, kernels)
         return self.lm_head(_norm(self.norm, x, kernels))

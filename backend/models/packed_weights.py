@@ -160,8 +160,8 @@ def adopt_row_kernels(model: nn.Module, kernels: RowKernels) -> int:
     for module in model.modules():
         if type(module) is not PackedLinear or type(module.packed) is RowsWeight:
             continue
-        weight = module.weight.detach() if not module.weight.is_meta else module.packed.to_dense()
-        if kernels.takes(weight):
+        if kernels.takes(module.weight):  # its shape and dtype, readable on the meta weight too
+            weight = module.weight.detach() if not module.weight.is_meta else module.packed.to_dense()
             packed = kernels.pack(weight)
             if not moved and not _agrees(weight, module.bias, packed):  # never expected: oneDNN serves on
                 log.warning("The row kernels disagreed with F.linear here; the layers stay on oneDNN")

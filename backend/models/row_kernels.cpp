@@ -25,6 +25,9 @@ constexpr int64_t AHEAD = 32;   // prefetch distance in k steps: 2-4 KB ahead of
 
 enum Op : int64_t { NONE = 0, SWISH = 1, ADD = 2, MUL = 3 };
 
+// The lanes of a 16-float vector that hold data when `left` values remain (all 16 from 16 on).
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
 // e^x for the SiLU, to about 1 ulp: 2^n * e^r with |r| <= ln2/2 and a degree-6 Taylor polynomial.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
@@ -113,7 +116,7 @@ void rows_of_block(const Call<T>& c, int64_t row, int64_t b) {
     const int64_t col = b * COLS + half * 16;
     if (col >= c.n) break;
     const int64_t left = c.n - col;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const __mmask16 mask = tail_mask(left);
     const __m512 bias = c.bias ? load16(c.bias + col, mask) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m) {
       __m512 v = _mm512_add_ps(half ? a1[m] : a0[m], bias);
@@ -165,7 +168,7 @@ void attend_head(const float* q, int64_t groups, const T* keys, const T* values,
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t left = dim - c * 16;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __mmask16 mask = tail_mask(left);
         acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + g * dim + c * 16), load16(k + c * 16, mask), acc);
       }
       scores[g * len + t] = _mm512_reduce_add_ps(acc);
@@ -178,7 +181,7 @@ void attend_head(const float* q, int64_t groups, const T* keys, const T* values,
     float sum = 0.0f;
     for (int64_t t = 0; t < len; t += 16) {
       const int64_t left = len - t;
-      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __mmask16 mask = tail_mask(left);
       const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), _mm512_set1_ps(top)));
       _mm512_mask_storeu_ps(s + t, mask, e);
       sum += _mm512_mask_reduce_add_ps(mask, e);
@@ -186,7 +189,7 @@ void attend_head(const float* q, int64_t groups, const T* keys, const T* values,
     const __m512 inverse = _mm512_set1_ps(1.0f / sum);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t left = dim - c * 16;
-      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+      const __mmask16 mask = tail_mask(left);
       __m512 acc = _mm512_setzero_ps();
       for (int64_t t = 0; t < len; ++t) {
         acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values + (start + t) * dim + c * 16, mask), acc);
@@ -269,14 +272,14 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
       __m512 squares = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t left = hidden - c * 16;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __mmask16 mask = tail_mask(left);
         const __m512 v = load16(row + c * 16, mask);
         squares = _mm512_fmadd_ps(v, v, squares);
       }
       const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + static_cast<float>(eps));
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t left = hidden - c * 16;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __mmask16 mask = tail_mask(left);
         T* target = os + r * hidden + c * 16;
         store16(target, _mm512_mul_ps(load16(row + c * 16, mask), _mm512_set1_ps(scale)), mask);  // rounded
         store16(target, _mm512_mul_ps(load16(ws + c * 16, mask), load16(target, mask)), mask);

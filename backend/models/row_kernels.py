@@ -144,8 +144,8 @@ def build(directory: Path) -> RowKernels:
 
 def is_built(directory: Path) -> bool:
     """Whether an earlier build of these exact kernels is in `directory` (loading it takes well under 1 s)."""
-    target = Path(directory) / library_name()
-    return any(target.glob(f"{library_name()}*.so"))
+    name = library_name()
+    return any((Path(directory) / name).glob(f"{name}*.so"))
 
 
 class KernelBuild:
