@@ -248,6 +248,21 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
             return original(query, new_keys, new_values, keys, values, lengths, window)
 
         monkeypatch.setattr(row_kernels_built.library, "attend_rows", attend_rows)
+
+        def decoder_layer(x, weights, outs, *rest, original=row_kernels_built.library.decoder_layer):
+            # A whole layer in one call: its 7 products read x's rows (q, k, v, gate, up: hidden features;
+            # o: the attention's; down: the MLP's), and every row attends over its own keys, as above.
+            rows, hidden = x.shape
+            for features in (hidden, hidden, hidden, outs[0], hidden, hidden, outs[4]):
+                linear_inputs[run[0]].append((rows, features))
+            heads, kv_heads, window, lengths = rest[7], rest[8], rest[10], rest[13]
+            dim = outs[0] // heads
+            for n in lengths:
+                grouped = (kv_heads, heads // kv_heads, dim)
+                decode_rows[run[0]].append((grouped, (kv_heads, min(n, window) if window else n, dim)))
+            return original(x, weights, outs, *rest)
+
+        monkeypatch.setattr(row_kernels_built.library, "decoder_layer", decoder_layer)
     alone(engine, 3, "sampled")
     run[0] = "batched"
     with plugged(engine, prompt(0)):

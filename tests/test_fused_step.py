@@ -16,6 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from backend.decode import fused_step
 from backend.decode.batch_cache import BatchCache, RowKV, use_row_attention
 from backend.decode.engine import Engine, EngineLimits
 from backend.decode.fused_step import FusedDecodeStep, fused_decode_step
@@ -116,6 +117,31 @@ def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype, ker
             ):
                 assert mine.shape == reference.shape
                 assert (mine - reference).float().abs().max() <= tolerance * reference.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind", [*MODELS, "head-dim-24"])
+def test_a_layer_in_one_row_kernel_call_is_the_op_by_op_step_bit_for_bit(kind, dtype, row_kernels, monkeypatch):
+    """decoder_layer (one call a layer) against the same maths op by op: logits and every written key and value
+    equal over 3 steps, padding rows included. A head of 24 has rotary halves of 12: the vectors' tail masks."""
+    if kind == "head-dim-24":
+        kind = lambda: LlamaForCausalLM(LlamaConfig(**{**SHAPE, "hidden_size": 96, "num_attention_heads": 4}))  # noqa: E731
+    model = build(kind, DTYPES[dtype][0], kernels=row_kernels)
+    step, _ = fused_decode_step(model)
+    calls = []
+    whole = row_kernels.library.decoder_layer
+    monkeypatch.setattr(row_kernels.library, "decoder_layer", lambda *args: calls.append(1) or whole(*args))
+    results = {}
+    for path in ("one call", "op by op"):
+        if path == "op by op":
+            monkeypatch.setattr(fused_step, "_row_weights", lambda *args: None)
+        rows, logits = prefilled(model), []
+        for _ in range(3):
+            logits.append(step(*step_inputs(rows), rows))
+        results[path] = (logits, [part for row in rows for layer in range(2) for part in row.view(layer)])
+    assert len(calls) == 3 * model.config.num_hidden_layers  # the first path ran through decoder_layer only
+    for mine, reference in zip(*(results[path][0] + results[path][1] for path in results), strict=True):
+        assert torch.equal(mine, reference)
 
 
 def test_rows_of_a_fused_step_do_not_see_each_other():

@@ -9,6 +9,11 @@ alone: 17-19 ms a bfloat16 step against 23-24 through transformers. In the engin
 benchmarks/serving.py with batch_cache.decode_attention: 1.27x and 1.24x tok/s at 1 and 8 users in bfloat16,
 1.09x and 0.95x (noise) in float32. torch.compile was measured first and lost (docs/serving.md).
 
+On the row kernels (backend.models.row_kernels) a whole layer is one call, decoder_layer: the same maths and
+roundings bit for bit (tests check it), without a layer's ~25 Python-level operations. Side by side here,
+SmolLM2-135M's shape in bfloat16: one row 8.7-9.7 ms a step against 10.3-11.7 op by op, 8 rows 11.9-13.0
+against 13.1-15.0; float32, one row 15.7-16.5 against 16.6-18.1.
+
 Seeds hold as before: every tensor has the shape of the fixed batch or of one request's own keys, and each
 row attends alone through backend.decode.batch_cache. The numbers differ from transformers' forward in the
 last bits (a fused post-op rounds once where two operations round twice), so prefills, beam search and the
@@ -51,6 +56,23 @@ class _Layer:
     scaling: float
     sliding_window: int | None
 
+    @property
+    def parts(self) -> tuple[PackedLinear, ...]:
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+
+def _fixed_arguments(layer: _Layer, head_dim: int) -> tuple:
+    """What decoder_layer takes of a layer that never changes, read once: parameters through nn.Module's
+    __getattr__ cost about 1 us each, and a step would read 13 of them a layer."""
+    parts, norms = layer.parts, (layer.input_norm, layer.post_attention_norm)
+    return (
+        [part.out_features for part in parts],
+        [part.bias for part in parts],
+        *(value for norm in norms for value in (norm.weight, getattr(norm, "variance_epsilon", None))),
+        layer.scaling if layer.scaling is not None else head_dim**-0.5,
+        layer.sliding_window or 0,
+    )
+
 
 class FusedDecodeStep:
     """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits [B, vocab]. Row i
@@ -76,6 +98,7 @@ class FusedDecodeStep:
             )
             for layer in inner.layers
         ]
+        self._fixed = [_fixed_arguments(layer, self.head_dim) for layer in self.layers]
         # Every projection as found, to notice one wrapped later. Read from the parents' module dicts:
         # about 9 µs a step for SmolLM2's 210, against 253 through nn.Module.__getattr__ (measured here).
         self._parts = [
@@ -111,8 +134,24 @@ class FusedDecodeStep:
         x = x.view(batch, -1)
         kernels = self._row_library()  # on the row kernels, their norms and attention too
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, cos, sin, rows, kernels)
+            weights = _row_weights(layer, self._fixed[index], x.dtype) if kernels is not None else None
+            if weights is not None:
+                x = self._row_layer(index, weights, x, cos, sin, rows, kernels)
+            else:
+                x = self._layer(index, layer, x, cos, sin, rows, kernels)
         return self.lm_head(_norm(self.norm, x, kernels))
+
+    def _row_layer(self, index: int, weights, x, cos, sin, rows: list[RowKV], kernels) -> torch.Tensor:
+        """_layer's maths in one row-kernel call (decoder_layer), bit for bit: for one row of SmolLM2's shape a
+        layer's ~25 Python-level operations cost about 1 ms a step of the 9-10 (measured side by side here)."""
+        claimed = [row.claim_one(index) for row in rows]
+        outs, biases, input_norm, input_eps, post_norm, post_eps, scaling, window = self._fixed[index]
+        batch = x.shape[0]
+        return kernels.decoder_layer(
+            x, weights, outs, biases, input_norm, input_eps, post_norm, post_eps, cos.view(batch, -1),
+            sin.view(batch, -1), self.heads, self.kv_heads, scaling, window,
+            [claim[0] for claim in claimed], [claim[1] for claim in claimed], [claim[2] for claim in claimed],
+        )  # fmt: skip
 
     def _layer(self, index: int, layer: _Layer, x, cos, sin, rows: list[RowKV], kernels) -> torch.Tensor:
         batch, heads, kv_heads, dim = x.shape[0], self.heads, self.kv_heads, self.head_dim
@@ -138,6 +177,17 @@ def _norm(norm: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
     if kernels is None or x.dtype not in (torch.float32, torch.bfloat16) or norm.weight.dtype != x.dtype:
         return norm(x)
     return kernels.rms_norm(x.contiguous(), norm.weight, norm.variance_epsilon)
+
+
+def _row_weights(layer: _Layer, fixed: tuple, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """The layer's 7 packed weights when all are on the row kernels and its norms suit them, else None."""
+    packed = [part.packed for part in layer.parts]
+    if any(type(weight) is not RowsWeight for weight in packed) or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    _, _, input_norm, input_eps, post_norm, post_eps, _, _ = fixed
+    if input_norm.dtype != dtype or post_norm.dtype != dtype or input_eps is None or post_eps is None:
+        return None
+    return [weight.packed for weight in packed]
 
 
 def _window(attention: nn.Module, config) -> int | None:

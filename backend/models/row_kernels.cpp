@@ -149,9 +149,39 @@ void column_block(const Call<T>& c, int64_t b) {
 }
 
 template <typename T>
+inline int64_t blocks_of(const Call<T>& c) { return (c.n + COLS - 1) / COLS; }
+
+template <typename T>
 void run(const Call<T>& c, int64_t blocks) {
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) column_block<T>(c, b);
+  });
+}
+
+// Layers that read the same x (a layer's q, k and v) in one parallel region: their blocks end to end.
+template <typename T>
+void run_side_by_side(const std::vector<Call<T>>& calls) {
+  std::vector<int64_t> ends;
+  int64_t total = 0;
+  for (const auto& c : calls) ends.push_back(total += blocks_of(c));
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      size_t i = 0;
+      while (b >= ends[i]) ++i;
+      column_block<T>(calls[i], b - (i ? ends[i - 1] : 0));
+    }
+  });
+}
+
+// silu(gate) then up * it, a column block at a time: a block of `up` reads only the block of `gate` the same
+// thread has just written (up.other is gate.out).
+template <typename T>
+void run_gated(const Call<T>& gate, const Call<T>& up) {
+  at::parallel_for(0, blocks_of(gate), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      column_block<T>(gate, b);
+      column_block<T>(up, b);
+    }
   });
 }
 
@@ -199,6 +229,104 @@ void attend_head(const float* q, int64_t groups, const T* keys, const T* values,
   }
 }
 
+// Every row's attention (attend_rows below says what): query [batch, heads, dim] float32, scaled; new keys
+// and values [batch, kv_heads, dim]; out [batch, heads, dim] float32, zeros from row `keys.size()` on.
+template <typename T>
+void attend_all(const float* query, const T* new_keys, const T* new_values, const std::vector<torch::Tensor>& keys,
+                const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths, int64_t window,
+                int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, float* out) {
+  const int64_t groups = heads / kv_heads, rows = keys.size();
+  std::memset(out, 0, batch * heads * dim * sizeof(float));
+  int64_t work = 0;
+  for (int64_t i = 0; i < rows; ++i) work += lengths[i];
+  // Threads only where there is enough to share; a (row, kv head)'s numbers are the same either way.
+  const int64_t grain = std::max<int64_t>(1, (rows * kv_heads * 4096) / std::max<int64_t>(1, work * dim * groups));
+  for (int64_t i = 0; i < rows; ++i) {  // the new key and value first: every head reads them
+    const int64_t at = lengths[i] - 1, capacity = keys[i].size(1);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      std::memcpy(keys[i].data_ptr<T>() + (h * capacity + at) * dim, new_keys + (i * kv_heads + h) * dim,
+                  dim * sizeof(T));
+      std::memcpy(values[i].data_ptr<T>() + (h * capacity + at) * dim, new_values + (i * kv_heads + h) * dim,
+                  dim * sizeof(T));
+    }
+  }
+  at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / kv_heads, h = item % kv_heads, capacity = keys[i].size(1), n = lengths[i];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+      attend_head<T>(query + (i * heads + h * groups) * dim, groups, keys[i].data_ptr<T>() + h * capacity * dim,
+                     values[i].data_ptr<T>() + h * capacity * dim, start, n, dim, out + (i * heads + h * groups) * dim,
+                     scores);
+    }
+  });
+}
+
+void check_rows(const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                const std::vector<int64_t>& lengths, int64_t batch, int64_t kv_heads, int64_t dim, at::ScalarType dtype) {
+  TORCH_CHECK(values.size() == keys.size() && lengths.size() == keys.size() && (int64_t)keys.size() <= batch);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].scalar_type() == dtype);
+    TORCH_CHECK(values[i].scalar_type() == dtype && keys[i].size(0) == kv_heads && keys[i].size(2) == dim);
+    TORCH_CHECK(keys[i].sizes() == values[i].sizes() && lengths[i] >= 1 && lengths[i] <= keys[i].size(1));
+  }
+}
+
+// transformers' LlamaRMSNorm, a row at a time: float32 x * rsqrt(mean(x^2) + eps), rounded to x's dtype, then
+// times the weight and rounded again.
+template <typename T>
+void rms_norm_rows(const T* xs, const T* ws, int64_t rows, int64_t hidden, float eps, T* os) {
+  const int64_t chunks = (hidden + 15) / 16;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = xs + r * hidden;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 mask = tail_mask(hidden - c * 16);
+      const __m512 v = load16(row + c * 16, mask);
+      squares = _mm512_fmadd_ps(v, v, squares);
+    }
+    const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + eps);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 mask = tail_mask(hidden - c * 16);
+      T* target = os + r * hidden + c * 16;
+      store16(target, _mm512_mul_ps(load16(row + c * 16, mask), _mm512_set1_ps(scale)), mask);  // rounded
+      store16(target, _mm512_mul_ps(load16(ws + c * 16, mask), load16(target, mask)), mask);
+    }
+  }
+}
+
+// v rounded to T and widened again: what storing an intermediate tensor of dtype T does to it.
+inline __m512 rounded(__m512 v, const float*) { return v; }
+inline __m512 rounded(__m512 v, const at::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// transformers' apply_rotary_pos_emb on one head in place: x * cos + rotate_half(x) * sin, each product and
+// the sum rounded to T as its three tensor operations round them.
+template <typename T>
+void rotate_head(T* x, const T* cos, const T* sin, int64_t dim) {
+  const int64_t half = dim / 2;
+  alignas(64) float turned[512];  // dim <= 512 (checked)
+  for (int64_t part = 0; part < 2; ++part) {
+    for (int64_t c = 0; c < half; c += 16) {
+      const __mmask16 mask = tail_mask(half - c);
+      const int64_t at = part * half + c, across = (1 - part) * half + c;
+      __m512 other = load16(x + across, mask);
+      if (part == 0) other = _mm512_sub_ps(_mm512_setzero_ps(), other);  // rotate_half: cat(-x2, x1)
+      const __m512 a = rounded(_mm512_mul_ps(load16(x + at, mask), load16(cos + at, mask)), x);
+      const __m512 b = rounded(_mm512_mul_ps(other, load16(sin + at, mask)), x);
+      _mm512_mask_storeu_ps(turned + at, mask, _mm512_add_ps(a, b));
+    }
+  }
+  for (int64_t c = 0; c < dim; c += 16) store16(x + c, load16(turned + c, tail_mask(dim - c)), tail_mask(dim - c));
+}
+
+template <typename T>
+Call<T> call_of(const T* x, int64_t rows, int64_t k, const torch::Tensor& w, int64_t n,
+                const c10::optional<torch::Tensor>& bias, const T* other, Op op, T* out) {
+  return Call<T>{x, k, rows, k, n, w.data_ptr<T>(), bias ? bias->data_ptr<T>() : nullptr, other, n, op, out};
+}
+
 }  // namespace
 
 // A decode step's attention for every row (backend.decode.batch_cache.decode_attention): row i writes its new
@@ -209,85 +337,120 @@ void attend_head(const float* q, int64_t groups, const T* keys, const T* values,
 torch::Tensor attend_rows(const torch::Tensor& query, const torch::Tensor& new_keys, const torch::Tensor& new_values,
                           const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
                           const std::vector<int64_t>& lengths, int64_t window) {
-  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
-  const int64_t kv_heads = new_keys.size(1), groups = heads / kv_heads, rows = keys.size();
-  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == at::kFloat && heads == kv_heads * groups);
+  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = new_keys.size(1);
+  TORCH_CHECK(query.is_contiguous() && query.scalar_type() == at::kFloat && heads % kv_heads == 0);
   TORCH_CHECK(new_keys.is_contiguous() && new_values.is_contiguous() && new_keys.sizes() == new_values.sizes());
-  TORCH_CHECK(values.size() == keys.size() && lengths.size() == keys.size() && rows <= batch);
   const auto dtype = new_keys.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only");
-  for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].scalar_type() == dtype);
-    TORCH_CHECK(values[i].scalar_type() == dtype && keys[i].size(0) == kv_heads && keys[i].size(2) == dim);
-    TORCH_CHECK(keys[i].sizes() == values[i].sizes() && lengths[i] >= 1 && lengths[i] <= keys[i].size(1));
-  }
-  auto out = torch::zeros({batch, heads, dim}, query.options());
-  int64_t work = 0;
-  for (int64_t i = 0; i < rows; ++i) work += lengths[i];
-  // Threads only where there is enough to share; a (row, kv head)'s numbers are the same either way.
-  const int64_t grain = std::max<int64_t>(1, (rows * kv_heads * 4096) / std::max<int64_t>(1, work * dim * groups));
+  check_rows(keys, values, lengths, batch, kv_heads, dim, dtype);
+  auto out = torch::empty({batch, heads, dim}, query.options());
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    for (int64_t i = 0; i < rows; ++i) {  // the new key and value first: every head reads them
-      const int64_t at = lengths[i] - 1, capacity = keys[i].size(1);
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        std::memcpy(keys[i].data_ptr<T>() + (h * capacity + at) * dim, new_keys.data_ptr<T>() + (i * kv_heads + h) * dim,
-                    dim * sizeof(T));
-        std::memcpy(values[i].data_ptr<T>() + (h * capacity + at) * dim,
-                    new_values.data_ptr<T>() + (i * kv_heads + h) * dim, dim * sizeof(T));
-      }
-    }
-    at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t i = item / kv_heads, h = item % kv_heads, capacity = keys[i].size(1), n = lengths[i];
-        const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
-        attend_head<T>(query.data_ptr<float>() + (i * heads + h * groups) * dim, groups,
-                       keys[i].data_ptr<T>() + h * capacity * dim, values[i].data_ptr<T>() + h * capacity * dim, start,
-                       n, dim, out.data_ptr<float>() + (i * heads + h * groups) * dim, scores);
-      }
-    });
+    attend_all<T>(query.data_ptr<float>(), new_keys.data_ptr<T>(), new_values.data_ptr<T>(), keys, values, lengths,
+                  window, batch, heads, kv_heads, dim, out.data_ptr<float>());
   };
   if (dtype == at::kBFloat16) run(static_cast<at::BFloat16*>(nullptr));
   else run(static_cast<float*>(nullptr));
   return out;
 }
 
-// Llama's RMSNorm as transformers computes it, a row at a time: float32 x * rsqrt(mean(x^2) + eps), rounded to
-// x's dtype, then times the weight and rounded again. x [rows, hidden] contiguous, weight [hidden].
+// Llama's RMSNorm as transformers computes it (rms_norm_rows). x [rows, hidden] contiguous, weight [hidden].
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(1));
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight in one dtype");
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "float32 or bfloat16 only");
-  const int64_t rows = x.size(0), hidden = x.size(1), chunks = (hidden + 15) / 16;
   auto out = torch::empty_like(x);
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    const T* xs = x.data_ptr<T>();
-    const T* ws = weight.data_ptr<T>();
-    T* os = out.data_ptr<T>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* row = xs + r * hidden;
-      __m512 squares = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t left = hidden - c * 16;
-        const __mmask16 mask = tail_mask(left);
-        const __m512 v = load16(row + c * 16, mask);
-        squares = _mm512_fmadd_ps(v, v, squares);
-      }
-      const float scale = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / hidden + static_cast<float>(eps));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t left = hidden - c * 16;
-        const __mmask16 mask = tail_mask(left);
-        T* target = os + r * hidden + c * 16;
-        store16(target, _mm512_mul_ps(load16(row + c * 16, mask), _mm512_set1_ps(scale)), mask);  // rounded
-        store16(target, _mm512_mul_ps(load16(ws + c * 16, mask), load16(target, mask)), mask);
-      }
-    }
+    rms_norm_rows<T>(x.data_ptr<T>(), weight.data_ptr<T>(), x.size(0), x.size(1), static_cast<float>(eps),
+                     out.data_ptr<T>());
   };
   if (bf16) run(static_cast<at::BFloat16*>(nullptr));
   else run(static_cast<float*>(nullptr));
+  return out;
+}
+
+// One Llama decoder layer of a decode step, the maths of backend/decode/fused_step.py's layer in one call:
+//   h = norm(x); q, k, v = h Wq, h Wk, h Wv (+ biases); q, k turned by the rotary embedding (cos, sin [B, dim]);
+//   each row writes k, v into its own buffers and attends over them (as attend_rows, query * scaling in float32);
+//   x += attention Wo; h = norm(x); x += (silu(h Wgate) * h Wup) Wdown.
+// Every intermediate is rounded to x's dtype where the op-by-op step's tensors round it, so the result is that
+// step's bit for bit (tests check it); the saving is the ~25 Python-level operations a layer made.
+// weights: the 7 packed weights q, k, v, o, gate, up, down; outs their output sizes; biases theirs or None.
+torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<int64_t>& outs, const std::vector<c10::optional<torch::Tensor>>& biases,
+                            const torch::Tensor& input_norm, double input_eps, const torch::Tensor& post_norm,
+                            double post_eps, const torch::Tensor& cos, const torch::Tensor& sin, int64_t heads,
+                            int64_t kv_heads, double scaling, int64_t window, const std::vector<torch::Tensor>& keys,
+                            const std::vector<torch::Tensor>& values, const std::vector<int64_t>& lengths) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weights.size() == 7 && outs.size() == 7 && biases.size() == 7);
+  const int64_t batch = x.size(0), hidden = x.size(1), dim = outs[0] / heads, inner = outs[4];
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && outs[0] == heads * dim && dim % 2 == 0);
+  TORCH_CHECK(dim <= 512 && outs[1] == kv_heads * dim && outs[2] == kv_heads * dim && outs[3] == hidden);
+  TORCH_CHECK(outs[5] == inner && outs[6] == hidden);
+  const int64_t ins[7] = {hidden, hidden, hidden, heads * dim, hidden, hidden, inner};
+  for (int i = 0; i < 7; ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.is_contiguous() && w.dim() == 3 && w.size(2) == COLS && w.size(1) == ins[i] &&
+                w.size(0) * COLS >= outs[i] && w.scalar_type() == dtype, "packed weight ", i, " does not fit");
+    if (biases[i]) TORCH_CHECK(biases[i]->is_contiguous() && biases[i]->numel() == outs[i] &&
+                               biases[i]->scalar_type() == dtype);
+  }
+  for (const auto* norm : {&input_norm, &post_norm})
+    TORCH_CHECK(norm->is_contiguous() && norm->numel() == hidden && norm->scalar_type() == dtype);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == batch * dim && sin.numel() == batch * dim);
+  TORCH_CHECK(cos.scalar_type() == dtype && sin.scalar_type() == dtype);
+  TORCH_CHECK(dtype == at::kFloat || (hidden % 2 == 0 && (heads * dim) % 2 == 0 && inner % 2 == 0));
+  check_rows(keys, values, lengths, batch, kv_heads, dim, dtype);
+
+  const auto options = x.options();
+  auto h = torch::empty({batch, hidden}, options);
+  auto q = torch::empty({batch, heads * dim}, options), k = torch::empty({batch, kv_heads * dim}, options);
+  auto v = torch::empty({batch, kv_heads * dim}, options);
+  auto query = torch::empty({batch, heads * dim}, options.dtype(at::kFloat));
+  auto attended = torch::empty({batch, heads * dim}, options.dtype(at::kFloat));
+  auto mid = torch::empty({batch, hidden}, options), gate = torch::empty({batch, inner}, options);
+  auto mixed = torch::empty({batch, inner}, options), out = torch::empty({batch, hidden}, options);
+  auto layer = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    T *hs = h.data_ptr<T>(), *qs = q.data_ptr<T>(), *ks = k.data_ptr<T>(), *vs = v.data_ptr<T>();
+    rms_norm_rows<T>(x.data_ptr<T>(), input_norm.data_ptr<T>(), batch, hidden, static_cast<float>(input_eps), hs);
+    run_side_by_side<T>({call_of<T>(hs, batch, hidden, weights[0], outs[0], biases[0], nullptr, NONE, qs),
+                         call_of<T>(hs, batch, hidden, weights[1], outs[1], biases[1], nullptr, NONE, ks),
+                         call_of<T>(hs, batch, hidden, weights[2], outs[2], biases[2], nullptr, NONE, vs)});
+    const T *cs = cos.data_ptr<T>(), *ss = sin.data_ptr<T>();
+    const float scale = static_cast<float>(scaling);
+    float* qf = query.data_ptr<float>();
+    for (int64_t i = 0; i < batch; ++i) {
+      for (int64_t head = 0; head < heads; ++head) {
+        T* one = qs + (i * heads + head) * dim;
+        rotate_head<T>(one, cs + i * dim, ss + i * dim, dim);
+        for (int64_t c = 0; c < dim; c += 16) {  // query.float() * scaling
+          const __mmask16 mask = tail_mask(dim - c);
+          _mm512_mask_storeu_ps(qf + (i * heads + head) * dim + c, mask,
+                                _mm512_mul_ps(load16(one + c, mask), _mm512_set1_ps(scale)));
+        }
+      }
+      for (int64_t head = 0; head < kv_heads; ++head) rotate_head<T>(ks + (i * kv_heads + head) * dim, cs + i * dim,
+                                                                     ss + i * dim, dim);
+    }
+    float* af = attended.data_ptr<float>();
+    attend_all<T>(qf, ks, vs, keys, values, lengths, window, batch, heads, kv_heads, dim, af);
+    T* as = q.data_ptr<T>();  // the attention, rounded to T, where q was
+    for (int64_t c = 0; c < batch * heads * dim; c += 16) store16(as + c, load16(af + c, tail_mask(batch * heads * dim - c)),
+                                                                  tail_mask(batch * heads * dim - c));
+    T *ms = mid.data_ptr<T>(), *gs = gate.data_ptr<T>(), *xs = mixed.data_ptr<T>();
+    run<T>(call_of<T>(as, batch, heads * dim, weights[3], hidden, biases[3], x.data_ptr<T>(), ADD, ms), weights[3].size(0));
+    rms_norm_rows<T>(ms, post_norm.data_ptr<T>(), batch, hidden, static_cast<float>(post_eps), hs);
+    run_gated<T>(call_of<T>(hs, batch, hidden, weights[4], inner, biases[4], nullptr, SWISH, gs),
+                 call_of<T>(hs, batch, hidden, weights[5], inner, biases[5], gs, MUL, xs));
+    run<T>(call_of<T>(xs, batch, inner, weights[6], hidden, biases[6], ms, ADD, out.data_ptr<T>()), weights[6].size(0));
+  };
+  if (dtype == at::kBFloat16) layer(static_cast<at::BFloat16*>(nullptr));
+  else layer(static_cast<float*>(nullptr));
   return out;
 }
 
@@ -325,4 +488,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, py::call_guard<py::gil_scoped_release>());
   m.def("attend_rows", &attend_rows, py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm, py::call_guard<py::gil_scoped_release>());
+  m.def("decoder_layer", &decoder_layer, py::call_guard<py::gil_scoped_release>());
 }

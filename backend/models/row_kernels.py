@@ -12,6 +12,8 @@ rows or their count (batch invariance by construction, checked bit for bit in te
 compiler and ninja, takes about 25 s once, and is cached across restarts under the cache root
 (KernelBuild); until it is ready the app serves on oneDNN and moves to these kernels between replies
 (backend.models.packed_weights.adopt_row_kernels). CPUs without AVX512-BF16 keep oneDNN.
+Beside the linear layers: a decode step's per-row attention (attend_rows), Llama's RMSNorm (rms_norm) and a
+whole decoder layer of the fused step in one call (decoder_layer, backend.decode.fused_step).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SOURCE = Path(__file__).with_name("row_kernels.cpp")
 FLAGS = [
     "-O3",
     "-std=c++17",
+    "-ffp-contract=off",  # a * b + c rounds twice, as the tensor operations the kernels stand in for do
     "-fopenmp",
     "-mavx512f",
     "-mavx512bw",
