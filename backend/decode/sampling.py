@@ -19,7 +19,7 @@ from backend.settings import GenerationSettings, is_greedy  # is_greedy lives th
 
 def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:
     """The same warpers, in the same order, that transformers' generate() applies when sampling."""
-    processors = LogitsProcessorList()
+    processors = Warpers()
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(settings.repetition_penalty)))
     if is_greedy(settings):
@@ -33,6 +33,16 @@ def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:
     elif settings.top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=float(settings.top_p)))
     return processors
+
+
+class Warpers(LogitsProcessorList):
+    """transformers' list of warpers, applied in order. Ours only to skip what its __call__ does first for every
+    warper on every token, inspect.signature (about 70 us a token here); these take (input_ids, scores) only."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
 
 
 class TopPWithinTopK:
