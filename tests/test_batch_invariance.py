@@ -206,9 +206,14 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         return call
 
     original_rows = RowsWeight.linear
+    # The row kernels: our own calls, which the dispatcher does not see. Every row's numbers there are its own
+    # whatever the others are or how many (test_row_kernels, test_fused_step: bit for bit), so what they must
+    # show is rows of requests only: the rows each call computed.
+    row_calls: dict[str, list[int]] = defaultdict(list)
+    layer_rows: dict[str, list[int]] = defaultdict(list)  # rows a whole decoder_layer call computed
 
-    def rows_linear(weight, x, *rest):  # the row kernels: our own call, which the dispatcher does not see
-        linear_inputs[run[0]].append((x.numel() // x.shape[-1], x.shape[-1]))
+    def rows_linear(weight, x, *rest):
+        row_calls[run[0]].append(x.numel() // x.shape[-1])
         return original_rows(weight, x, *rest)
 
     monkeypatch.setattr(RowsWeight, "linear", rows_linear)
@@ -250,12 +255,10 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         monkeypatch.setattr(row_kernels_built.library, "attend_rows", attend_rows)
 
         def decoder_layer(x, weights, outs, *rest, original=row_kernels_built.library.decoder_layer):
-            # A whole layer in one call: its 7 products read x's rows (q, k, v, gate, up: hidden features;
-            # o: the attention's; down: the MLP's), and every row attends over its own keys, as above.
-            rows, hidden = x.shape
-            for features in (hidden, hidden, hidden, outs[0], hidden, hidden, outs[4]):
-                linear_inputs[run[0]].append((rows, features))
+            # A whole layer in one call: it computes the rows that have keys (len(lengths)), each attending
+            # over its own keys as above; the batch's padding rows pass through.
             heads, kv_heads, window, lengths = rest[7], rest[8], rest[10], rest[13]
+            layer_rows[run[0]].append(len(lengths))
             dim = outs[0] // heads
             for n in lengths:
                 grouped = (kv_heads, heads // kv_heads, dim)
@@ -287,11 +290,18 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         assert {keys[1] for _, keys in decode_rows["batched"]} >= {n + 1 for n in PROMPT_LENGTHS}
         # decode steps' attention ran per row: one call per layer and step
         assert len(decode_rows["alone"]) == 11 * wide_model.config.num_hidden_layers
+    layers = wide_model.config.num_hidden_layers
+    if row_calls["alone"]:  # on the row kernels: rows of requests only, the padding skipped
+        assert set(row_calls["alone"]) <= own_lengths and set(row_calls["batched"]) <= own_lengths | set(range(1, ROWS + 1))
+        assert layer_rows["alone"] == [1] * (11 * layers)  # a lone reply's 11 decode steps: its row alone
+        assert set(layer_rows["batched"]) <= set(range(1, ROWS + 1)) and ROWS in layer_rows["batched"]
+        assert row_calls["alone"].count(1) >= 11  # the head, once a decode step, on the reply's row alone
+        return
     assert (ROWS, hidden) in linear_inputs["alone"]  # decode steps padded to the fixed row count
     # At least each layer's q, k, v, gate and up multiplies and the head, in each of the 11 decode steps
     # of a 12-token reply: the recording saw the decode steps whichever path ran them.
     seen = linear_inputs["alone"].count((ROWS, hidden))
-    assert seen >= 11 * (5 * wide_model.config.num_hidden_layers + 1), seen
+    assert seen >= 11 * (5 * layers + 1), seen
 
 
 def test_the_kv_budget_admits_in_order_and_never_holds_more_than_it_has(

@@ -105,7 +105,8 @@ def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype, ker
     theirs_rows, ours_rows = prefilled(model), prefilled(model)
     theirs = transformers_step(model, theirs_rows)
     ours = step(*step_inputs(ours_rows), ours_rows)
-    assert ours.shape == theirs.shape == (ROWS, model.config.vocab_size) and ours.dtype == torch_dtype
+    assert theirs.shape == (ROWS, model.config.vocab_size)  # the fused step gives its rows' logits only
+    assert ours.shape == (len(PROMPTS), model.config.vocab_size) and ours.dtype == torch_dtype
     scale = theirs[: len(PROMPTS)].float().abs().max()
     for index in range(len(PROMPTS)):
         difference = (ours[index].float() - theirs[index].float()).abs().max()
@@ -144,15 +145,47 @@ def test_a_layer_in_one_row_kernel_call_is_the_op_by_op_step_bit_for_bit(kind, d
         assert torch.equal(mine, reference)
 
 
-def test_rows_of_a_fused_step_do_not_see_each_other():
-    """Row 0 gets the same bits beside other rows as beside padding alone (its shapes are the same)."""
-    model = build("llama", torch.bfloat16)
+@pytest.mark.parametrize("kernels", ["oneDNN", "row-kernels"])
+def test_rows_of_a_fused_step_do_not_see_each_other(kernels, request):
+    """Row 0 gets the same bits beside other rows as beside padding alone: on oneDNN its shapes are the same;
+    the row kernels compute it alone either way (and skip the padding)."""
+    model = build("llama", torch.bfloat16, kernels=request.getfixturevalue("row_kernels") if kernels != "oneDNN" else None)
     step, _ = fused_decode_step(model)
     rows = prefilled(model)
     together = step(*step_inputs(rows), rows)[0]
     first = prefilled(model)[:1]
     alone = step(*step_inputs(first), first)[0]
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("kernels", ["oneDNN", "row-kernels"])
+def test_the_head_reads_the_fixed_batch_on_onednn_and_only_the_rows_of_requests_on_the_row_kernels(
+    kernels, request
+):
+    """oneDNN's numbers may depend on the rows it is given, so it always gets the engine's fixed batch; the row
+    kernels compute each row alone and skip the padding. Either way the step returns its rows' logits."""
+    on_rows = kernels == "row-kernels"
+    model = build("llama", torch.bfloat16, kernels=request.getfixturevalue("row_kernels") if on_rows else None)
+    step, _ = fused_decode_step(model)
+    rows, seen = prefilled(model), []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    logits = step(*step_inputs(rows), rows)
+    assert seen == [len(PROMPTS) if on_rows else ROWS]
+    assert logits.shape == (len(PROMPTS), model.config.vocab_size)
+
+
+def test_a_row_kernel_layer_computes_the_rows_with_keys_and_passes_the_padding_through(row_kernels):
+    model = build("llama", torch.bfloat16, kernels=row_kernels)
+    step, _ = fused_decode_step(model)
+    rows = prefilled(model)
+    ids, positions = step_inputs(rows)
+    x = torch.randn(ROWS, model.config.hidden_size).to(torch.bfloat16)
+    cos, sin = step.rotary(x[:, None], positions[:, None])
+    weights = fused_step._row_weights(step.layers[0], step._fixed[0], x.dtype)
+    with torch.inference_mode():
+        out = step._row_layer(0, weights, x, cos, sin, rows, row_kernels.library)
+    assert torch.equal(out[len(rows) :], x[len(rows) :])
+    assert not torch.equal(out[: len(rows)], x[: len(rows)])
 
 
 def test_what_cannot_be_fused_says_why_and_keeps_transformers_forward():

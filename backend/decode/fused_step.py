@@ -75,8 +75,9 @@ def _fixed_arguments(layer: _Layer, head_dim: int) -> tuple:
 
 
 class FusedDecodeStep:
-    """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits [B, vocab]. Row i
-    writes its keys and values into rows[i] and attends over them alone; rows beyond len(rows) are padding."""
+    """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits [len(rows), vocab].
+    Row i writes its keys and values into rows[i] and attends over them alone; rows beyond len(rows) are padding
+    (the row kernels skip them: their rows never depend on other rows or how many there are)."""
 
     def __init__(self, model: nn.Module):
         inner, config = model.model, model.config
@@ -139,7 +140,10 @@ class FusedDecodeStep:
                 x = self._row_layer(index, weights, x, cos, sin, rows, kernels)
             else:
                 x = self._layer(index, layer, x, cos, sin, rows, kernels)
-        return self.lm_head(_norm(self.norm, x, kernels))
+        live = len(rows)
+        if _norm_on(self.norm, x.dtype, kernels) and type(getattr(self.lm_head, "packed", None)) is RowsWeight:
+            return self.lm_head(_norm(self.norm, x[:live], kernels))  # rows alone: padding skipped
+        return self.lm_head(_norm(self.norm, x, kernels))[:live]
 
     def _row_layer(self, index: int, weights, x, cos, sin, rows: list[RowKV], kernels) -> torch.Tensor:
         """_layer's maths in one row-kernel call (decoder_layer), bit for bit: for one row of SmolLM2's shape a
@@ -174,9 +178,14 @@ class FusedDecodeStep:
 def _norm(norm: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
     """The model's RMSNorm, as one row-kernel call where they run (about 3 us against 16 for its 6 torch
     operations here); Llama's, Mistral's and Qwen2's are the same maths (MODEL_TYPES)."""
-    if kernels is None or x.dtype not in (torch.float32, torch.bfloat16) or norm.weight.dtype != x.dtype:
+    if not _norm_on(norm, x.dtype, kernels):
         return norm(x)
     return kernels.rms_norm(x.contiguous(), norm.weight, norm.variance_epsilon)
+
+
+def _norm_on(norm: nn.Module, dtype: torch.dtype, kernels) -> bool:
+    """Whether _norm runs `norm` on the row kernels (a row at a time) for x of `dtype`."""
+    return kernels is not None and dtype in (torch.float32, torch.bfloat16) and norm.weight.dtype == dtype
 
 
 def _row_weights(layer: _Layer, fixed: tuple, dtype: torch.dtype) -> list[torch.Tensor] | None:

@@ -377,6 +377,9 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
 //   x += attention Wo; h = norm(x); x += (silu(h Wgate) * h Wup) Wdown.
 // Every intermediate is rounded to x's dtype where the op-by-op step's tensors round it, so the result is that
 // step's bit for bit (tests check it); the saving is the ~25 Python-level operations a layer made.
+// Only the rows that have keys (the first keys.size()) are computed; the batch's padding rows pass through
+// unchanged. Every row's numbers are its own whatever the others are or how many (as `linear`'s), so the fixed
+// batch the engine pads to for other kernels' sake costs nothing here.
 // weights: the 7 packed weights q, k, v, o, gate, up, down; outs their output sizes; biases theirs or None.
 torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                             const std::vector<int64_t>& outs, const std::vector<c10::optional<torch::Tensor>>& biases,
@@ -406,25 +409,26 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
   TORCH_CHECK(dtype == at::kFloat || (hidden % 2 == 0 && (heads * dim) % 2 == 0 && inner % 2 == 0));
   check_rows(keys, values, lengths, batch, kv_heads, dim, dtype);
 
+  const int64_t live = keys.size();  // rows with keys; the rest of the batch is padding
   const auto options = x.options();
-  auto h = torch::empty({batch, hidden}, options);
-  auto q = torch::empty({batch, heads * dim}, options), k = torch::empty({batch, kv_heads * dim}, options);
-  auto v = torch::empty({batch, kv_heads * dim}, options);
-  auto query = torch::empty({batch, heads * dim}, options.dtype(at::kFloat));
-  auto attended = torch::empty({batch, heads * dim}, options.dtype(at::kFloat));
-  auto mid = torch::empty({batch, hidden}, options), gate = torch::empty({batch, inner}, options);
-  auto mixed = torch::empty({batch, inner}, options), out = torch::empty({batch, hidden}, options);
+  auto h = torch::empty({live, hidden}, options);
+  auto q = torch::empty({live, heads * dim}, options), k = torch::empty({live, kv_heads * dim}, options);
+  auto v = torch::empty({live, kv_heads * dim}, options);
+  auto query = torch::empty({live, heads * dim}, options.dtype(at::kFloat));
+  auto attended = torch::empty({live, heads * dim}, options.dtype(at::kFloat));
+  auto mid = torch::empty({live, hidden}, options), gate = torch::empty({live, inner}, options);
+  auto mixed = torch::empty({live, inner}, options), out = torch::empty({batch, hidden}, options);
   auto layer = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     T *hs = h.data_ptr<T>(), *qs = q.data_ptr<T>(), *ks = k.data_ptr<T>(), *vs = v.data_ptr<T>();
-    rms_norm_rows<T>(x.data_ptr<T>(), input_norm.data_ptr<T>(), batch, hidden, static_cast<float>(input_eps), hs);
-    run_side_by_side<T>({call_of<T>(hs, batch, hidden, weights[0], outs[0], biases[0], nullptr, NONE, qs),
-                         call_of<T>(hs, batch, hidden, weights[1], outs[1], biases[1], nullptr, NONE, ks),
-                         call_of<T>(hs, batch, hidden, weights[2], outs[2], biases[2], nullptr, NONE, vs)});
+    rms_norm_rows<T>(x.data_ptr<T>(), input_norm.data_ptr<T>(), live, hidden, static_cast<float>(input_eps), hs);
+    run_side_by_side<T>({call_of<T>(hs, live, hidden, weights[0], outs[0], biases[0], nullptr, NONE, qs),
+                         call_of<T>(hs, live, hidden, weights[1], outs[1], biases[1], nullptr, NONE, ks),
+                         call_of<T>(hs, live, hidden, weights[2], outs[2], biases[2], nullptr, NONE, vs)});
     const T *cs = cos.data_ptr<T>(), *ss = sin.data_ptr<T>();
     const float scale = static_cast<float>(scaling);
     float* qf = query.data_ptr<float>();
-    for (int64_t i = 0; i < batch; ++i) {
+    for (int64_t i = 0; i < live; ++i) {
       for (int64_t head = 0; head < heads; ++head) {
         T* one = qs + (i * heads + head) * dim;
         rotate_head<T>(one, cs + i * dim, ss + i * dim, dim);
@@ -438,16 +442,17 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
                                                                      ss + i * dim, dim);
     }
     float* af = attended.data_ptr<float>();
-    attend_all<T>(qf, ks, vs, keys, values, lengths, window, batch, heads, kv_heads, dim, af);
+    attend_all<T>(qf, ks, vs, keys, values, lengths, window, live, heads, kv_heads, dim, af);
     T* as = q.data_ptr<T>();  // the attention, rounded to T, where q was
-    for (int64_t c = 0; c < batch * heads * dim; c += 16) store16(as + c, load16(af + c, tail_mask(batch * heads * dim - c)),
-                                                                  tail_mask(batch * heads * dim - c));
+    for (int64_t c = 0; c < live * heads * dim; c += 16) store16(as + c, load16(af + c, tail_mask(live * heads * dim - c)),
+                                                                 tail_mask(live * heads * dim - c));
     T *ms = mid.data_ptr<T>(), *gs = gate.data_ptr<T>(), *xs = mixed.data_ptr<T>();
-    run<T>(call_of<T>(as, batch, heads * dim, weights[3], hidden, biases[3], x.data_ptr<T>(), ADD, ms), weights[3].size(0));
-    rms_norm_rows<T>(ms, post_norm.data_ptr<T>(), batch, hidden, static_cast<float>(post_eps), hs);
-    run_gated<T>(call_of<T>(hs, batch, hidden, weights[4], inner, biases[4], nullptr, SWISH, gs),
-                 call_of<T>(hs, batch, hidden, weights[5], inner, biases[5], gs, MUL, xs));
-    run<T>(call_of<T>(xs, batch, inner, weights[6], hidden, biases[6], ms, ADD, out.data_ptr<T>()), weights[6].size(0));
+    run<T>(call_of<T>(as, live, heads * dim, weights[3], hidden, biases[3], x.data_ptr<T>(), ADD, ms), weights[3].size(0));
+    rms_norm_rows<T>(ms, post_norm.data_ptr<T>(), live, hidden, static_cast<float>(post_eps), hs);
+    run_gated<T>(call_of<T>(hs, live, hidden, weights[4], inner, biases[4], nullptr, SWISH, gs),
+                 call_of<T>(hs, live, hidden, weights[5], inner, biases[5], gs, MUL, xs));
+    run<T>(call_of<T>(xs, live, inner, weights[6], hidden, biases[6], ms, ADD, out.data_ptr<T>()), weights[6].size(0));
+    std::memcpy(out.data_ptr<T>() + live * hidden, x.data_ptr<T>() + live * hidden, (batch - live) * hidden * sizeof(T));
   };
   if (dtype == at::kBFloat16) layer(static_cast<at::BFloat16*>(nullptr));
   else layer(static_cast<float*>(nullptr));
