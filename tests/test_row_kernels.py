@@ -3,6 +3,7 @@ packed for them or moved to them between replies, and a build that a killed proc
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -215,7 +216,7 @@ def test_work_between_replies_waits_until_no_reply_is_decoding(demo_tokenizer, w
 
 
 def test_a_model_loaded_before_its_kernels_are_built_moves_to_them_between_replies(
-    demo_text_dir, row_kernels, tmp_path
+    demo_text_dir, row_kernels, tmp_path, caplog
 ):
     """The app's cold start: the build runs while the model serves on oneDNN; the banner and the System
     tab say so; once built, the model moves before the next reply and the fused step runs on them."""
@@ -241,6 +242,7 @@ def test_a_model_loaded_before_its_kernels_are_built_moves_to_them_between_repli
     assert list(chat.chat("Hello", [], settings))[-1].done
     assert chat.decode_path() == "fused (oneDNN post-ops on packed weights)"
     gate.set()
+    caplog.set_level(logging.INFO, logger="backend.services.model_engine")
     assert build.kernels(wait=HANG) is row_kernels
     wait_until_idle(chat._engines.get(loaded, loaded.model))  # the move ran on the idle engine's thread
     assert holder.kernels_state() == "on"
@@ -252,6 +254,8 @@ def test_a_model_loaded_before_its_kernels_are_built_moves_to_them_between_repli
     assert layers and all(type(m.packed) is RowsWeight for m in layers)
     assert list(chat.chat("Hello", [], settings))[-1].done
     assert chat.decode_path() == "fused (row kernels' post-ops on packed weights)"
+    moved = [r.getMessage() for r in caplog.records if "moved to the row kernels" in r.getMessage()]
+    assert moved and moved[0].endswith("; decode step: fused (row kernels' post-ops on packed weights)")
 
 
 def test_a_build_a_killed_process_left_unfinished_does_not_block_the_next(row_kernels):

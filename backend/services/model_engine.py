@@ -29,15 +29,17 @@ def kv_budget_text(limits: EngineLimits, context_window: int) -> str:
     )
 
 
-def adopt_kernels(loaded, kernels: RowKernels) -> None:
-    """Move a loaded model packed for oneDNN to the row kernels, and say so where the System tab reads it."""
+def adopt_kernels(loaded, kernels: RowKernels, engine: Engine | None = None) -> None:
+    """Move a loaded model packed for oneDNN to the row kernels, and say so where the System tab reads it and
+    in the log (with `engine`'s decode step now: the line written when the engine started is out of date)."""
     if loaded.awaiting_kernels is None:  # already moved (a second engine on the same model)
         return
     moved = adopt_row_kernels(loaded.model, kernels)
     loaded.awaiting_kernels = None
     if moved:
         loaded.kernels = f"{ROW_KERNELS} on packed weights: on ({moved} linear layers, moved from oneDNN)"
-    log.info("%s: %d linear layers moved to the row kernels", loaded.spec.name, moved)
+    now = f"; decode step: {engine.decode_path}" if engine is not None else ""
+    log.info("%s: %d linear layers moved to the row kernels%s", loaded.spec.name, moved, now)
 
 
 class ModelEngine:
@@ -65,7 +67,7 @@ class ModelEngine:
                 if build is not None:
                     engine = self._engine
                     build.when_ready(
-                        lambda kernels: engine.between_replies(lambda: adopt_kernels(loaded, kernels))
+                        lambda kernels: engine.between_replies(lambda: adopt_kernels(loaded, kernels, engine))
                     )
             return self._engine
 
