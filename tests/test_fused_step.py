@@ -174,6 +174,21 @@ def test_the_head_reads_the_fixed_batch_on_onednn_and_only_the_rows_of_requests_
     assert logits.shape == (len(PROMPTS), model.config.vocab_size)
 
 
+def test_a_head_too_wide_for_a_layer_call_keeps_the_op_by_op_step_on_the_row_kernels(row_kernels, monkeypatch):
+    """decoder_layer holds a head of at most 512 in its buffers; a wider one runs op by op, never fails."""
+    wide = dict(SHAPE, hidden_size=520, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
+    model = build(lambda: LlamaForCausalLM(LlamaConfig(**wide)), torch.float32, kernels=row_kernels)
+    step, _ = fused_decode_step(model)
+    calls = []
+    whole = row_kernels.library.decoder_layer
+    monkeypatch.setattr(row_kernels.library, "decoder_layer", lambda *args: calls.append(1) or whole(*args))
+    theirs_rows, ours_rows = prefilled(model), prefilled(model)
+    theirs = transformers_step(model, theirs_rows)[: len(PROMPTS)]
+    ours = step(*step_inputs(ours_rows), ours_rows)
+    assert not calls
+    assert (ours - theirs).abs().max() <= DTYPES["float32"][1] * theirs.abs().max()
+
+
 def test_a_row_kernel_layer_computes_the_rows_with_keys_and_passes_the_padding_through(row_kernels):
     model = build("llama", torch.bfloat16, kernels=row_kernels)
     step, _ = fused_decode_step(model)

@@ -100,6 +100,8 @@ class FusedDecodeStep:
             for layer in inner.layers
         ]
         self._fixed = [_fixed_arguments(layer, self.head_dim) for layer in self.layers]
+        # What decoder_layer takes (row_kernels.cpp checks it too): rotary halves, a head its buffers hold.
+        self._layer_calls = self.head_dim % 2 == 0 and self.head_dim <= 512
         # Every projection as found, to notice one wrapped later. Read from the parents' module dicts:
         # about 9 µs a step for SmolLM2's 210, against 253 through nn.Module.__getattr__ (measured here).
         self._parts = [
@@ -135,7 +137,8 @@ class FusedDecodeStep:
         x = x.view(batch, -1)
         kernels = self._row_library()  # on the row kernels, their norms and attention too
         for index, layer in enumerate(self.layers):
-            weights = _row_weights(layer, self._fixed[index], x.dtype) if kernels is not None else None
+            on_rows = kernels is not None and self._layer_calls
+            weights = _row_weights(layer, self._fixed[index], x.dtype) if on_rows else None
             if weights is not None:
                 x = self._row_layer(index, weights, x, cos, sin, rows, kernels)
             else:
