@@ -15,7 +15,9 @@ SmolLM2-135M's shape in bfloat16: one row 8.7-9.7 ms a step against 10.3-11.7 op
 against 13.1-15.0; float32, one row 15.7-16.5 against 16.6-18.1.
 
 Seeds hold as before: every tensor has the shape of the fixed batch or of one request's own keys, and each
-row attends alone through backend.decode.batch_cache. The numbers differ from transformers' forward in the
+row attends alone through backend.decode.batch_cache. The row kernels compute every row alone (their numbers
+never depend on the other rows or how many there are, tested bit for bit), so on them the layers and the
+head skip the fixed batch's padding rows; oneDNN always gets the whole fixed batch. The numbers differ from transformers' forward in the
 last bits (a fused post-op rounds once where two operations round twice), so prefills, beam search and the
 Inspector, which run transformers' forward, agree with it to rounding, not bit for bit.
 
