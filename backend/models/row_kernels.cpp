@@ -151,16 +151,9 @@ void column_block(const Call<T>& c, int64_t b) {
 template <typename T>
 inline int64_t blocks_of(const Call<T>& c) { return (c.n + COLS - 1) / COLS; }
 
+// Layers that read the same x (one layer, or a layer's q, k and v) in one parallel region: blocks end to end.
 template <typename T>
-void run(const Call<T>& c, int64_t blocks) {
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) column_block<T>(c, b);
-  });
-}
-
-// Layers that read the same x (a layer's q, k and v) in one parallel region: their blocks end to end.
-template <typename T>
-void run_side_by_side(const std::vector<Call<T>>& calls) {
+void run(const std::vector<Call<T>>& calls) {
   std::vector<int64_t> ends;
   int64_t total = 0;
   for (const auto& c : calls) ends.push_back(total += blocks_of(c));
@@ -422,9 +415,9 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     using T = std::remove_pointer_t<decltype(type)>;
     T *hs = h.data_ptr<T>(), *qs = q.data_ptr<T>(), *ks = k.data_ptr<T>(), *vs = v.data_ptr<T>();
     rms_norm_rows<T>(x.data_ptr<T>(), input_norm.data_ptr<T>(), live, hidden, static_cast<float>(input_eps), hs);
-    run_side_by_side<T>({call_of<T>(hs, live, hidden, weights[0], outs[0], biases[0], nullptr, NONE, qs),
-                         call_of<T>(hs, live, hidden, weights[1], outs[1], biases[1], nullptr, NONE, ks),
-                         call_of<T>(hs, live, hidden, weights[2], outs[2], biases[2], nullptr, NONE, vs)});
+    run<T>({call_of<T>(hs, live, hidden, weights[0], outs[0], biases[0], nullptr, NONE, qs),
+            call_of<T>(hs, live, hidden, weights[1], outs[1], biases[1], nullptr, NONE, ks),
+            call_of<T>(hs, live, hidden, weights[2], outs[2], biases[2], nullptr, NONE, vs)});
     const T *cs = cos.data_ptr<T>(), *ss = sin.data_ptr<T>();
     const float scale = static_cast<float>(scaling);
     float* qf = query.data_ptr<float>();
@@ -447,11 +440,11 @@ torch::Tensor decoder_layer(const torch::Tensor& x, const std::vector<torch::Ten
     for (int64_t c = 0; c < live * heads * dim; c += 16) store16(as + c, load16(af + c, tail_mask(live * heads * dim - c)),
                                                                  tail_mask(live * heads * dim - c));
     T *ms = mid.data_ptr<T>(), *gs = gate.data_ptr<T>(), *xs = mixed.data_ptr<T>();
-    run<T>(call_of<T>(as, live, heads * dim, weights[3], hidden, biases[3], x.data_ptr<T>(), ADD, ms), weights[3].size(0));
+    run<T>({call_of<T>(as, live, heads * dim, weights[3], hidden, biases[3], x.data_ptr<T>(), ADD, ms)});
     rms_norm_rows<T>(ms, post_norm.data_ptr<T>(), live, hidden, static_cast<float>(post_eps), hs);
     run_gated<T>(call_of<T>(hs, live, hidden, weights[4], inner, biases[4], nullptr, SWISH, gs),
                  call_of<T>(hs, live, hidden, weights[5], inner, biases[5], gs, MUL, xs));
-    run<T>(call_of<T>(xs, live, inner, weights[6], hidden, biases[6], ms, ADD, out.data_ptr<T>()), weights[6].size(0));
+    run<T>({call_of<T>(xs, live, inner, weights[6], hidden, biases[6], ms, ADD, out.data_ptr<T>())});
     std::memcpy(out.data_ptr<T>() + live * hidden, x.data_ptr<T>() + live * hidden, (batch - live) * hidden * sizeof(T));
   };
   if (dtype == at::kBFloat16) layer(static_cast<at::BFloat16*>(nullptr));
@@ -481,7 +474,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t n,
     Call<T> c{x.data_ptr<T>(), x.stride(0), x.size(0), x.size(1), n, w.data_ptr<T>(),
               bias ? bias->data_ptr<T>() : nullptr, other ? other->data_ptr<T>() : nullptr,
               other ? other->stride(0) : 0, static_cast<Op>(op), out.data_ptr<T>()};
-    run<T>(c, w.size(0));
+    run<T>({c});
   };
   if (bf16) call(static_cast<at::BFloat16*>(nullptr));
   else call(static_cast<float*>(nullptr));
