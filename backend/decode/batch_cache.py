@@ -22,6 +22,8 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from backend.models.row_kernels import DTYPES as ROW_KERNEL_DTYPES
+
 ATTENTION = "playground_rows"
 
 
@@ -218,7 +220,7 @@ def decode_attention(
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
-    if attend_rows is not None and keys.dtype in (torch.float32, torch.bfloat16):
+    if attend_rows is not None and keys.dtype in ROW_KERNEL_DTYPES:
         claimed = [row.claim_one(layer) for row in rows]
         out = attend_rows(
             (query.float() * scale).contiguous(),

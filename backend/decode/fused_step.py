@@ -15,11 +15,12 @@ SmolLM2-135M's shape in bfloat16: one row 8.7-9.7 ms a step against 10.3-11.7 op
 against 13.1-15.0; float32, one row 15.7-16.5 against 16.6-18.1.
 
 Seeds hold as before: every tensor has the shape of the fixed batch or of one request's own keys, and each
-row attends alone through backend.decode.batch_cache. The row kernels compute every row alone (their numbers
-never depend on the other rows or how many there are, tested bit for bit), so on them the layers and the
-head skip the fixed batch's padding rows; oneDNN always gets the whole fixed batch. The numbers differ from transformers' forward in the
-last bits (a fused post-op rounds once where two operations round twice), so prefills, beam search and the
-Inspector, which run transformers' forward, agree with it to rounding, not bit for bit.
+row attends alone through backend.decode.batch_cache. The row kernels compute every row alone (their
+numbers never depend on the other rows or how many there are, tested bit for bit), so on them the layers
+and the head skip the fixed batch's padding rows; oneDNN always gets the whole fixed batch. The numbers
+differ from transformers' forward in the last bits (a fused post-op rounds once where two operations round
+twice), so prefills, beam search and the Inspector, which run transformers' forward, agree with it to
+rounding, not bit for bit.
 
 Only models whose maths this file repeats exactly are taken (Llama, Mistral, Qwen2: pre-norm RMSNorm,
 rotary q/k, SiLU-gated MLP, no q/k norms, no embedding scale, no logit softcap); any other model, a layer
@@ -37,7 +38,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from backend.decode import batch_cache
 from backend.decode.batch_cache import RowKV
 from backend.models.packed_weights import PackedLinear
-from backend.models.row_kernels import RowsWeight
+from backend.models.row_kernels import DTYPES, RowsWeight
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # the same decoder layer, up to biases and a sliding window
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -77,9 +78,10 @@ def _fixed_arguments(layer: _Layer, head_dim: int) -> tuple:
 
 
 class FusedDecodeStep:
-    """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits [len(rows), vocab].
-    Row i writes its keys and values into rows[i] and attends over them alone; rows beyond len(rows) are padding
-    (the row kernels skip them: their rows never depend on other rows or how many there are)."""
+    """One token for each of a batch's rows: `step(ids [B], positions [B], rows)` -> logits
+    [len(rows), vocab]. Row i writes its keys and values into rows[i] and attends over them alone; rows
+    beyond len(rows) are padding (the row kernels skip them: a row never depends on the others or their
+    count)."""
 
     def __init__(self, model: nn.Module):
         inner, config = model.model, model.config
@@ -138,21 +140,23 @@ class FusedDecodeStep:
         cos, sin = self.rotary(x, positions.view(batch, 1))
         x = x.view(batch, -1)
         kernels = self._row_library()  # on the row kernels, their norms and attention too
+        on_rows = kernels is not None and self._layer_calls
         for index, layer in enumerate(self.layers):
-            on_rows = kernels is not None and self._layer_calls
             weights = _row_weights(layer, self._fixed[index], x.dtype) if on_rows else None
             if weights is not None:
                 x = self._row_layer(index, weights, x, cos, sin, rows, kernels)
             else:
                 x = self._layer(index, layer, x, cos, sin, rows, kernels)
         live = len(rows)
-        if _norm_on(self.norm, x.dtype, kernels) and type(getattr(self.lm_head, "packed", None)) is RowsWeight:
+        head_on_rows = type(getattr(self.lm_head, "packed", None)) is RowsWeight
+        if head_on_rows and _norm_on(self.norm, x.dtype, kernels):
             return self.lm_head(_norm(self.norm, x[:live], kernels))  # rows alone: padding skipped
         return self.lm_head(_norm(self.norm, x, kernels))[:live]
 
     def _row_layer(self, index: int, weights, x, cos, sin, rows: list[RowKV], kernels) -> torch.Tensor:
-        """_layer's maths in one row-kernel call (decoder_layer), bit for bit: for one row of SmolLM2's shape a
-        layer's ~25 Python-level operations cost about 1 ms a step of the 9-10 (measured side by side here)."""
+        """_layer's maths in one row-kernel call (decoder_layer), bit for bit: for one row of SmolLM2's
+        shape a layer's ~25 Python-level operations cost about 1 ms a step of the 9-10 (measured side by
+        side here)."""
         claimed = [row.claim_one(index) for row in rows]
         outs, biases, input_norm, input_eps, post_norm, post_eps, scaling, window = self._fixed[index]
         batch = x.shape[0]
@@ -190,13 +194,13 @@ def _norm(norm: nn.Module, x: torch.Tensor, kernels) -> torch.Tensor:
 
 def _norm_on(norm: nn.Module, dtype: torch.dtype, kernels) -> bool:
     """Whether _norm runs `norm` on the row kernels (a row at a time) for x of `dtype`."""
-    return kernels is not None and dtype in (torch.float32, torch.bfloat16) and norm.weight.dtype == dtype
+    return kernels is not None and dtype in DTYPES and norm.weight.dtype == dtype
 
 
 def _row_weights(layer: _Layer, fixed: tuple, dtype: torch.dtype) -> list[torch.Tensor] | None:
     """The layer's 7 packed weights when all are on the row kernels and its norms suit them, else None."""
     packed = [part.packed for part in layer.parts]
-    if any(type(weight) is not RowsWeight for weight in packed) or dtype not in (torch.float32, torch.bfloat16):
+    if any(type(weight) is not RowsWeight for weight in packed) or dtype not in DTYPES:
         return None
     _, _, input_norm, input_eps, post_norm, post_eps, _, _ = fixed
     if input_norm.dtype != dtype or post_norm.dtype != dtype or input_eps is None or post_eps is None:

@@ -36,8 +36,9 @@ def build_logits_processor(settings: GenerationSettings) -> LogitsProcessorList:
 
 
 class Warpers(LogitsProcessorList):
-    """transformers' list of warpers, applied in order. Ours only to skip what its __call__ does first for every
-    warper on every token, inspect.signature (about 70 us a token here); these take (input_ids, scores) only."""
+    """transformers' list of warpers, applied in order. Ours only to skip what its __call__ does first for
+    every warper on every token, inspect.signature (about 70 us a token here); these take (input_ids, scores)
+    only."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         for processor in self:
