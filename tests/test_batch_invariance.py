@@ -236,6 +236,11 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
     monkeypatch.setattr(batch_cache, "_decode_row", decode_row)
     if row_kernels_built is not None:  # the row kernels' attention: every row's shapes, as _decode_row's
 
+        def record_rows(heads, kv_heads, dim, window, lengths):
+            for n in lengths:
+                grouped = (kv_heads, heads // kv_heads, dim)
+                decode_rows[run[0]].append((grouped, (kv_heads, min(n, window) if window else n, dim)))
+
         def attend_rows(
             query,
             new_keys,
@@ -246,10 +251,7 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
             window,
             original=row_kernels_built.library.attend_rows,
         ):
-            kv_heads, dim = new_keys.shape[1:]
-            for n in lengths:
-                grouped = (kv_heads, query.shape[1] // kv_heads, dim)
-                decode_rows[run[0]].append((grouped, (kv_heads, min(n, window) if window else n, dim)))
+            record_rows(query.shape[1], *new_keys.shape[1:], window, lengths)
             return original(query, new_keys, new_values, keys, values, lengths, window)
 
         monkeypatch.setattr(row_kernels_built.library, "attend_rows", attend_rows)
@@ -259,10 +261,7 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
             # over its own keys as above; the batch's padding rows pass through.
             heads, kv_heads, window, lengths = rest[7], rest[8], rest[10], rest[13]
             layer_rows[run[0]].append(len(lengths))
-            dim = outs[0] // heads
-            for n in lengths:
-                grouped = (kv_heads, heads // kv_heads, dim)
-                decode_rows[run[0]].append((grouped, (kv_heads, min(n, window) if window else n, dim)))
+            record_rows(heads, kv_heads, outs[0] // heads, window, lengths)
             return original(x, weights, outs, *rest)
 
         monkeypatch.setattr(row_kernels_built.library, "decoder_layer", decoder_layer)
@@ -292,7 +291,8 @@ def test_every_matrix_multiply_and_attention_has_a_shape_of_its_own_request_or_t
         assert len(decode_rows["alone"]) == 11 * wide_model.config.num_hidden_layers
     layers = wide_model.config.num_hidden_layers
     if row_calls["alone"]:  # on the row kernels: rows of requests only, the padding skipped
-        assert set(row_calls["alone"]) <= own_lengths and set(row_calls["batched"]) <= own_lengths | set(range(1, ROWS + 1))
+        assert set(row_calls["alone"]) <= own_lengths
+        assert set(row_calls["batched"]) <= own_lengths | set(range(1, ROWS + 1))
         assert layer_rows["alone"] == [1] * (11 * layers)  # a lone reply's 11 decode steps: its row alone
         assert set(layer_rows["batched"]) <= set(range(1, ROWS + 1)) and ROWS in layer_rows["batched"]
         assert row_calls["alone"].count(1) >= 11  # the head, once a decode step, on the reply's row alone

@@ -80,6 +80,13 @@ def step_inputs(rows: list[RowKV]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, positions
 
 
+def layer_calls(row_kernels, monkeypatch) -> list[int]:
+    """Grows by one for every decoder_layer call (a whole layer in one row-kernel call) from now on."""
+    calls, whole = [], row_kernels.library.decoder_layer
+    monkeypatch.setattr(row_kernels.library, "decoder_layer", lambda *args: calls.append(1) or whole(*args))
+    return calls
+
+
 def transformers_step(model, rows: list[RowKV]) -> torch.Tensor:
     ids, positions = step_inputs(rows)
     cache = BatchCache(rows)
@@ -122,16 +129,17 @@ def test_a_fused_decode_step_gives_transformers_logits_and_keys(kind, dtype, ker
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("kind", [*MODELS, "head-dim-24"])
-def test_a_layer_in_one_row_kernel_call_is_the_op_by_op_step_bit_for_bit(kind, dtype, row_kernels, monkeypatch):
-    """decoder_layer (one call a layer) against the same maths op by op: logits and every written key and value
-    equal over 3 steps, padding rows included. A head of 24 has rotary halves of 12: the vectors' tail masks."""
+def test_a_layer_in_one_row_kernel_call_is_the_op_by_op_step_bit_for_bit(
+    kind, dtype, row_kernels, monkeypatch
+):
+    """decoder_layer (one call a layer) against the same maths op by op: logits and every written key and
+    value equal over 3 steps. A head of 24 has rotary halves of 12: the vectors' tail masks."""
     if kind == "head-dim-24":
-        kind = lambda: LlamaForCausalLM(LlamaConfig(**{**SHAPE, "hidden_size": 96, "num_attention_heads": 4}))  # noqa: E731
+        narrow = dict(SHAPE, hidden_size=96, num_attention_heads=4)
+        kind = lambda: LlamaForCausalLM(LlamaConfig(**narrow))  # noqa: E731
     model = build(kind, DTYPES[dtype][0], kernels=row_kernels)
     step, _ = fused_decode_step(model)
-    calls = []
-    whole = row_kernels.library.decoder_layer
-    monkeypatch.setattr(row_kernels.library, "decoder_layer", lambda *args: calls.append(1) or whole(*args))
+    calls = layer_calls(row_kernels, monkeypatch)
     results = {}
     for path in ("one call", "op by op"):
         if path == "op by op":
@@ -149,7 +157,8 @@ def test_a_layer_in_one_row_kernel_call_is_the_op_by_op_step_bit_for_bit(kind, d
 def test_rows_of_a_fused_step_do_not_see_each_other(kernels, request):
     """Row 0 gets the same bits beside other rows as beside padding alone: on oneDNN its shapes are the same;
     the row kernels compute it alone either way (and skip the padding)."""
-    model = build("llama", torch.bfloat16, kernels=request.getfixturevalue("row_kernels") if kernels != "oneDNN" else None)
+    row_kernels = request.getfixturevalue("row_kernels") if kernels == "row-kernels" else None
+    model = build("llama", torch.bfloat16, kernels=row_kernels)
     step, _ = fused_decode_step(model)
     rows = prefilled(model)
     together = step(*step_inputs(rows), rows)[0]
@@ -162,10 +171,11 @@ def test_rows_of_a_fused_step_do_not_see_each_other(kernels, request):
 def test_the_head_reads_the_fixed_batch_on_onednn_and_only_the_rows_of_requests_on_the_row_kernels(
     kernels, request
 ):
-    """oneDNN's numbers may depend on the rows it is given, so it always gets the engine's fixed batch; the row
-    kernels compute each row alone and skip the padding. Either way the step returns its rows' logits."""
+    """oneDNN's numbers may depend on the rows it is given, so it always gets the engine's fixed batch; the
+    row kernels compute each row alone and skip the padding. Either way the step returns its rows' logits."""
     on_rows = kernels == "row-kernels"
-    model = build("llama", torch.bfloat16, kernels=request.getfixturevalue("row_kernels") if on_rows else None)
+    row_kernels = request.getfixturevalue("row_kernels") if on_rows else None
+    model = build("llama", torch.bfloat16, kernels=row_kernels)
     step, _ = fused_decode_step(model)
     rows, seen = prefilled(model), []
     model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
@@ -174,14 +184,14 @@ def test_the_head_reads_the_fixed_batch_on_onednn_and_only_the_rows_of_requests_
     assert logits.shape == (len(PROMPTS), model.config.vocab_size)
 
 
-def test_a_head_too_wide_for_a_layer_call_keeps_the_op_by_op_step_on_the_row_kernels(row_kernels, monkeypatch):
+def test_a_head_too_wide_for_a_layer_call_keeps_the_op_by_op_step_on_the_row_kernels(
+    row_kernels, monkeypatch
+):
     """decoder_layer holds a head of at most 512 in its buffers; a wider one runs op by op, never fails."""
     wide = dict(SHAPE, hidden_size=520, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1)
     model = build(lambda: LlamaForCausalLM(LlamaConfig(**wide)), torch.float32, kernels=row_kernels)
     step, _ = fused_decode_step(model)
-    calls = []
-    whole = row_kernels.library.decoder_layer
-    monkeypatch.setattr(row_kernels.library, "decoder_layer", lambda *args: calls.append(1) or whole(*args))
+    calls = layer_calls(row_kernels, monkeypatch)
     theirs_rows, ours_rows = prefilled(model), prefilled(model)
     theirs = transformers_step(model, theirs_rows)[: len(PROMPTS)]
     ours = step(*step_inputs(ours_rows), ours_rows)
@@ -286,11 +296,11 @@ def test_a_model_changed_after_the_engine_started_decodes_through_transformers_a
     [([], {}, True), (["--no-fused-decode"], {}, False), ([], {"PLAYGROUND_NO_FUSED_DECODE": "1"}, False)],
 )
 def test_the_flag_and_its_variable_reach_the_engine_and_the_system_tab(argv, env, fused):
+    import gradio as gr
+
     from app import local_services
     from backend.config import parse_config
     from backend.request_stats import RequestStats
-    import gradio as gr
-
     from ui.system_tab import build_system_tab
 
     config = parse_config(argv, has_gpu=False, env=env)
